@@ -1,0 +1,242 @@
+"""Typed job configuration: schema defaults < YAML file < command-line dotlist.
+
+Each section is a dataclass; components receive only their own section
+(``build_model(cfg.model)``, ``CheckpointManager(..., cfg.checkpoint)``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from rnnddp.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"
+    root: str = "data"  # holds MNIST/raw/; downloaded there when absent and online
+    cache_dir: str = ""  # where .gz-only copies are extracted; "" = ~/.cache/rnnddp
+    download: bool = True
+    normalize: bool = False  # mean/std normalisation on top of the [0, 1] scaling
+    num_workers: int = 0  # batches are tensor slices, so no worker processes are needed
+    device_resident: str = "auto"  # auto | true | false: keep the training set on the GPU
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"  # lstm | gru | rnn
+    hidden_size: int = 128
+    num_layers: int = 1
+    dropout: float = 0.0  # between stacked layers
+    bidirectional: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    max_steps: int = 0  # > 0: stop (and end the schedule) after this many optimiser steps
+    global_batch_size: int = 128  # split evenly over ranks
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    log_every_steps: int = 50
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class SchedConfig:
+    name: str = "onecycle"  # constant | cosine | onecycle
+    warmup_steps: int = 0  # constant and cosine
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of optim.lr
+    pct_start: float = 0.2  # onecycle: fraction of steps spent rising
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # > 0: also evaluate every N steps (always after each epoch)
+    batch_size: int = 1000
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # > 0: also save every N steps (always after each epoch)
+    keep: int = 3  # newest step checkpoints kept, besides best.pt
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto | online | offline | disabled (auto: online with an API key)
+    project: str = "rnnddp"
+    entity: str | None = None
+    name: str | None = None  # defaults to the job's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+    timeout_s: int = 1800  # collective timeout; must outlast rank-0 evaluation and saves
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    name: str = "default"
+    run_dir: str | None = None  # defaults to runs/<name>
+    resume: str = "auto"  # auto | none | PATH to a checkpoint
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+CHOICES = {
+    "data.dataset": ("mnist",),
+    "data.device_resident": ("auto", "true", "false"),
+    "model.cell": ("lstm", "gru", "rnn"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "sched.name": ("constant", "cosine", "onecycle"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+POSITIVE = (
+    "train.epochs",
+    "train.global_batch_size",
+    "train.log_every_steps",
+    "model.hidden_size",
+    "model.num_layers",
+    "eval.batch_size",
+    "checkpoint.keep",
+    "dist.timeout_s",
+    "optim.lr",
+)
+NON_NEGATIVE = (
+    "train.max_steps",
+    "train.grad_clip",
+    "eval.every_steps",
+    "checkpoint.every_steps",
+    "optim.weight_decay",
+    "sched.warmup_steps",
+    "data.num_workers",
+)
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Separate ``--config PATH`` / ``config=PATH`` from the dotlist overrides."""
+    config_path: str | None = None
+    overrides: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config_path = next(it, None)
+            if config_path is None:
+                raise UserError("--config needs a path: --config configs/default.yaml")
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--") or "=" not in arg:
+            raise UserError(
+                f"unexpected argument {arg!r}: pass overrides as key=value "
+                "(e.g. train.epochs=3) and a file as --config PATH"
+            )
+        else:
+            overrides.append(arg)
+    return config_path, overrides
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        known = [k for k in _all_keys(OmegaConf.structured(Config))]
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown config key {key!r}{hint}; the keys are listed in configs/default.yaml"
+    first = str(err).splitlines()[0]
+    return f"bad value for config key {key!r}: {first}"
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, DictConfig):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def load_config(argv: list[str]) -> Config:
+    """Build the job's config from the command line (raises UserError with one line)."""
+    config_path, overrides = split_args(argv)
+    path = Path(config_path) if config_path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found; pass an existing YAML file with --config PATH")
+    cfg = OmegaConf.structured(Config)
+    try:
+        file_cfg = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors
+        raise UserError(f"cannot read config {str(path)!r}: {str(e).splitlines()[0]}") from None
+    try:
+        cfg = OmegaConf.merge(cfg, file_cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(f"{_explain(e)} (in {path})") from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(_explain(e)) from None
+    validate(cfg)
+    if not cfg.run_dir:
+        cfg.run_dir = os.path.join("runs", cfg.name)
+    return cfg  # type: ignore[return-value]  # a DictConfig typed as Config
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = str(OmegaConf.select(cfg, key)).lower()
+        if value not in choices:
+            raise UserError(f"bad value for config key {key!r}: {value!r}; choose one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise UserError(f"bad value for config key {key!r}: must be > 0")
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise UserError(f"bad value for config key {key!r}: must be >= 0")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise UserError("bad value for config key 'model.dropout': must be in [0, 1)")
+    if not 0.0 < cfg.sched.pct_start < 1.0:
+        raise UserError("bad value for config key 'sched.pct_start': must be in (0, 1)")
+    if len(cfg.optim.betas) != 2:
+        raise UserError("bad value for config key 'optim.betas': give two numbers, e.g. [0.9,0.999]")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain Python types (safe to store in a checkpoint)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

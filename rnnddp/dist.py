@@ -1,0 +1,121 @@
+"""Process group setup and teardown, device choice, and the few collectives the job uses.
+
+The launcher (torchrun, ``accelerate launch``, srun + torchrun) sets RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a plain ``python train_ddp.py`` has none of them
+and runs as one process without a process group. Rank checks live here, nowhere else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rnnddp.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = ""  # "" when no process group was created
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Read the launcher's environment, pick the device, and join the process group."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise UserError("dist.backend=nccl needs CUDA GPUs; none is visible here: use dist.backend=gloo (or auto)")
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: "
+                "lower --nproc_per_node to the number of GPUs"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    info = DistInfo(rank, local_rank, world_size, device, "")
+    if world_size > 1:
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+        info.backend = backend
+    return info
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier(info: DistInfo) -> None:
+    if not _active():
+        return
+    if info.backend == "nccl":
+        dist.barrier(device_ids=[info.local_rank])
+    else:
+        dist.barrier()
+
+
+def all_ok(ok: bool, info: DistInfo) -> bool:
+    """True when every rank says ok; lets a rank that failed alone stop the others cleanly."""
+    if not _active():
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def any_flag(flag: bool, info: DistInfo) -> bool:
+    """True when any rank raised the flag (used to agree on a stop at a step boundary)."""
+    return not all_ok(not flag, info)
+
+
+def mean(value: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (in place when distributed)."""
+    if _active():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def broadcast(value: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if _active():
+        dist.broadcast(value, src=src)
+    return value
+
+
+def gather_objects(obj: object, info: DistInfo) -> list:
+    """Every rank's object, on every rank (small objects only: RNG states)."""
+    if not _active():
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,10 @@
+"""The one exception type for bad input: the entry point prints it as one line and exits 2."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, missing data, wrong checkpoint).
+
+    The message names the problem and the fix; no traceback is shown for it.
+    """
+
+    exit_code = 2

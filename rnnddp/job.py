@@ -1,0 +1,129 @@
+"""Wiring: config -> run directory and resume point -> data -> model -> trainer -> logs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rnnddp import checkpoint, dist
+from rnnddp.checkpoint import CheckpointManager
+from rnnddp.config import Config, to_dict, to_yaml
+from rnnddp.data import TrainBatches, load_mnist, locate_mnist
+from rnnddp.dist import DistInfo
+from rnnddp.errors import UserError
+from rnnddp.metrics import MetricsLogger, new_run_id
+from rnnddp.models import build_model, model_args
+from rnnddp.trainer import Trainer
+
+log = logging.getLogger("rnnddp")
+
+
+def find_resume_point(cfg: Config, manager: CheckpointManager) -> Path | None:
+    """The checkpoint to continue from, per ``cfg.resume`` (auto | none | PATH)."""
+    if cfg.resume == "none":
+        if manager.step_files():
+            raise UserError(
+                f"{manager.dir} already holds checkpoints and resume=none would overwrite them; "
+                "use resume=auto to continue, or a new name=/run_dir="
+            )
+        return None
+    if cfg.resume == "auto":
+        return manager.find_latest()
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise UserError(f"resume={cfg.resume}: no such checkpoint file; pass an existing .pt, or resume=auto")
+    reason = checkpoint.verify(path)
+    if reason is not None and reason != "no .sha256 commit marker (the save did not finish)":
+        raise UserError(f"resume={cfg.resume}: {reason}; pick another checkpoint")
+    return path
+
+
+def check_compatible(state: dict[str, Any], args: dict, path: Path) -> None:
+    saved = state.get("model_args")
+    if saved != args:
+        diff = {k: (saved.get(k) if saved else None, v) for k, v in args.items() if not saved or saved.get(k) != v}
+        detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise UserError(
+            f"checkpoint {path} is for a different model ({detail}); match the config to it, "
+            "or start a new run with another name= (or resume=none in an empty run_dir)"
+        )
+
+
+def run(cfg: Config, info: DistInfo) -> int:
+    run_dir = Path(cfg.run_dir)
+    manager = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, writer=info.is_main)
+    args = model_args(cfg.model)
+
+    resume_path = find_resume_point(cfg, manager)
+    state = checkpoint.load(resume_path) if resume_path else None
+    if state is not None:
+        check_compatible(state, args, resume_path)
+
+    # Data first (local rank 0 extracts or downloads; the others then read the same files).
+    error: UserError | None = None
+    root = None
+    if info.local_rank == 0:
+        try:
+            root = locate_mnist(cfg.data.root, cfg.data.cache_dir, cfg.data.download)
+        except UserError as e:
+            error = e
+    if not dist.all_ok(error is None, info):
+        raise error or UserError("data preparation failed on another rank; see its message")
+    if root is None:
+        root = locate_mnist(cfg.data.root, cfg.data.cache_dir, download=False)
+    train_split, test_split = load_mnist(root)
+
+    device_resident = cfg.data.device_resident == "true" or (
+        cfg.data.device_resident == "auto" and info.device.type == "cuda"
+    )
+    if device_resident:
+        train_split = train_split.to(info.device)
+    test_split = test_split.to(info.device) if info.device.type == "cuda" else test_split
+    batches = TrainBatches(
+        train_split,
+        global_batch_size=cfg.train.global_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.seed,
+        device=info.device,
+        normalize=cfg.data.normalize,
+    )
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    model = build_model(args).to(info.device)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.enabled = True
+        model.rnn.flatten_parameters()  # contiguous weights: the fused cuDNN kernel, no per-call copy
+    torch.manual_seed(cfg.seed + info.rank)  # per-rank streams from here on (dropout)
+
+    trainer = Trainer(cfg, info, model, batches, test_split, checkpoints=manager)
+    if state is not None:
+        trainer.load_state_dict(state)
+        if trainer.finished:
+            log.info("run %s already finished at step %d (%s); nothing to do", cfg.name, trainer.global_step, resume_path)
+            return 0
+        log.info(
+            "resuming from %s at step %d (epoch %d, batch %d)",
+            resume_path,
+            trainer.global_step,
+            trainer.epoch,
+            trainer.step_in_epoch,
+        )
+    run_id = state.get("wandb_run_id") if state else new_run_id()
+    trainer.extra_state = {"model_args": args, "config": to_dict(cfg), "wandb_run_id": run_id}
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.info("config:\n%s", to_yaml(cfg))
+    trainer.logger = MetricsLogger(
+        run_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_name=cfg.name, config=to_dict(cfg), run_id=run_id
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.logger.close()
+    log.info("done: test accuracy %.4f, loss %.4f (best %.4f)", result["accuracy"], result["loss"], trainer.best_accuracy)
+    return 0

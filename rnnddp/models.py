@@ -1,0 +1,73 @@
+"""Recurrent sequence classifiers: pure torch, no knowledge of DDP, devices or logging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class SequenceClassifier(nn.Module):
+    """[B, T, input_size] -> recurrent stack -> Linear on the last step's hidden state -> logits.
+
+    For a bidirectional stack the head sees both directions' final states (forward at step T,
+    backward at step 1), concatenated.
+    """
+
+    def __init__(
+        self,
+        cell: str = "lstm",
+        input_size: int = 28,
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.args = dict(
+            cell=cell,
+            input_size=input_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            num_classes=num_classes,
+        )
+        self.rnn = CELLS[cell](
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+            bidirectional=bidirectional,
+        )
+        self.directions = 2 if bidirectional else 1
+        self.head = nn.Linear(hidden_size * self.directions, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, state = self.rnn(x)
+        h_n = state[0] if isinstance(state, tuple) else state  # LSTM returns (h_n, c_n)
+        # h_n: [layers * directions, B, H]; take the top layer's final state per direction.
+        last = h_n[-self.directions :].transpose(0, 1).reshape(x.shape[0], -1)
+        return self.head(last)
+
+
+def model_args(cfg: Any, input_size: int = 28, num_classes: int = 10) -> dict:
+    """The constructor arguments for ``cfg.model``; stored in checkpoints to rebuild the net."""
+    return dict(
+        cell=str(cfg.cell),
+        input_size=input_size,
+        hidden_size=int(cfg.hidden_size),
+        num_layers=int(cfg.num_layers),
+        dropout=float(cfg.dropout),
+        bidirectional=bool(cfg.bidirectional),
+        num_classes=num_classes,
+    )
+
+
+def build_model(args: dict) -> SequenceClassifier:
+    return SequenceClassifier(**args)

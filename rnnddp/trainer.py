@@ -1,0 +1,285 @@
+"""The training loop: autocast, GradScaler, clipping, when to evaluate, log and save.
+
+Everything that must survive a restart is in ``state_dict()``; the checkpoint manager writes
+it and the metrics logger records numbers, so this file neither writes files nor calls wandb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from rnnddp import dist
+from rnnddp.checkpoint import CheckpointManager
+from rnnddp.data import Split, TrainBatches
+from rnnddp.dist import DistInfo
+from rnnddp.evaluate import evaluate
+from rnnddp.metrics import MetricsLogger, fmt
+
+log = logging.getLogger("rnnddp")
+ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 | bf16 | fp16 for this device; ``auto`` follows ``accelerate launch --mixed_precision``."""
+    if precision == "auto":
+        precision = ACCELERATE_PRECISION.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("train.precision=fp16 needs a CUDA GPU; running in fp32 on %s", device.type)
+        precision = "fp32"
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if params and params[0].is_cuda else {}
+    if cfg.name in ("adam", "adamw"):
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, cfg: Any) -> float:
+    """The LR multiplier at ``step`` (0-based): a pure function of the step, so resume is exact."""
+    if cfg.name == "onecycle":
+        # Cosine rise from lr/25 to lr over pct_start, cosine fall to lr/1e4 (OneCycleLR's shape).
+        rise = max(1, round(cfg.pct_start * total_steps))
+        lo, floor = 1 / 25, 1 / 25e4
+        if step < rise:
+            return lo + (1 - lo) * 0.5 * (1 - math.cos(math.pi * step / rise))
+        t = min(1.0, (step - rise) / max(1, total_steps - rise))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.name == "cosine":
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Any,
+        info: DistInfo,
+        module: nn.Module,
+        train: TrainBatches,
+        test: Split,
+        *,
+        checkpoints: CheckpointManager,
+        logger: MetricsLogger | None = None,
+    ) -> None:
+        self.cfg, self.info = cfg, info
+        self.module = module  # unwrapped: evaluated and checkpointed
+        self.model = DDP(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None) if info.distributed else module
+        self.train, self.test = train, test
+        self.checkpoints = checkpoints
+        self.logger = logger or MetricsLogger("", enabled=False)
+        self.extra_state: dict[str, Any] = {}  # model args, config, run id: stored, not used here
+        self.precision = resolve_precision(cfg.train.precision, info.device)
+        self.autocast = autocast_context(self.precision, info.device)
+        self.optimizer = build_optimizer(module, cfg.optim)
+        epochs_steps = cfg.train.epochs * train.steps_per_epoch
+        self.total_steps = min(epochs_steps, cfg.train.max_steps) if cfg.train.max_steps else epochs_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, cfg.sched)
+        )
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_accuracy = -1.0
+        self.last_eval: dict[str, float] = {}
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_accuracy": self.best_accuracy,
+            "world_size": self.info.world_size,
+            "rng": dist.gather_objects(rng_state(), self.info),  # every rank's, indexed by rank
+            **self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.best_accuracy = state["best_accuracy"]
+        rngs = state["rng"]
+        if len(rngs) == self.info.world_size:
+            set_rng_state(rngs[self.info.rank])
+        else:
+            # The data order does not depend on the world size (see data.py), so the position
+            # is exact; only per-rank random streams (dropout) cannot be carried over.
+            log.warning(
+                "checkpoint was written by %d ranks, resuming on %d: data position is exact, "
+                "per-rank random streams are re-seeded",
+                len(rngs),
+                self.info.world_size,
+            )
+            torch.manual_seed(self.cfg.seed + 1000 * self.global_step + self.info.rank)
+        if self.info.device.type == "cuda" and hasattr(self.module, "rnn"):
+            self.module.rnn.flatten_parameters()
+
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.total_steps
+
+    # -- loop -------------------------------------------------------------------------------
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def fit(self) -> dict[str, float]:
+        cfg, info = self.cfg, self.info
+        steps_per_epoch = self.train.steps_per_epoch
+        log.info(
+            "training %d steps (%d epochs x %d steps, global batch %d over %d rank(s)), precision %s, device %s",
+            self.total_steps,
+            cfg.train.epochs,
+            steps_per_epoch,
+            cfg.train.global_batch_size,
+            info.world_size,
+            self.precision,
+            info.device,
+        )
+        bar = self._progress_bar()
+        loss_sum = torch.zeros((), device=info.device)
+        window_steps, window_start = 0, time.perf_counter()
+        self.module.train()
+        while not self.finished:
+            for x, y in self.train.epoch(self.epoch, self.step_in_epoch):
+                loss_sum += self._train_step(x, y)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                last_of_epoch = self.step_in_epoch == steps_per_epoch
+                if self.global_step % cfg.train.log_every_steps == 0 or last_of_epoch or self.finished:
+                    elapsed = time.perf_counter() - window_start
+                    loss = dist.mean(loss_sum / window_steps).item()
+                    samples_s = window_steps * cfg.train.global_batch_size / max(elapsed, 1e-9)
+                    metrics = {
+                        "train/loss": loss,
+                        "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/samples_per_s": samples_s,
+                        "epoch": self.epoch + self.step_in_epoch / steps_per_epoch,
+                    }
+                    self.logger.log(metrics, self.global_step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_s:.0f}")
+                    else:
+                        log.info("step %d %s", self.global_step, fmt(metrics))
+                    loss_sum.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                if last_of_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                boundary = last_of_epoch or self.finished
+                do_eval = boundary or _every(self.global_step, cfg.eval.every_steps)
+                do_save = boundary or _every(self.global_step, cfg.checkpoint.every_steps)
+                new_best = self._evaluate() if do_eval else False
+                if do_save or new_best:
+                    self._save(best=new_best)
+                if self.finished:
+                    break
+        if bar is not None:
+            bar.close()
+        self.logger.summary({"best_accuracy": self.best_accuracy, **{f"final/{k}": v for k, v in self.last_eval.items()}})
+        return self.last_eval
+
+    def _evaluate(self) -> bool:
+        """Rank 0 evaluates the unwrapped module; the others wait in the broadcast of its result.
+
+        Returns whether this is the best accuracy so far (the same answer on every rank).
+        """
+        result = torch.zeros(2, device=self.info.device, dtype=torch.float64)
+        if self.info.is_main:
+            m = evaluate(
+                self.module,
+                self.test,
+                batch_size=self.cfg.eval.batch_size,
+                device=self.info.device,
+                normalize=self.cfg.data.normalize,
+                autocast=self.autocast,
+            )
+            result = torch.tensor([m["loss"], m["accuracy"]], device=self.info.device, dtype=torch.float64)
+        loss, acc = dist.broadcast(result).tolist()
+        new_best = acc > self.best_accuracy
+        self.best_accuracy = max(self.best_accuracy, acc)
+        self.last_eval = {"loss": loss, "accuracy": acc}
+        metrics = {"eval/loss": loss, "eval/accuracy": acc, "eval/best_accuracy": self.best_accuracy, "epoch": self.epoch}
+        self.logger.log(metrics, self.global_step)
+        log.info("eval step %d: loss %.4f accuracy %.4f (best %.4f)", self.global_step, loss, acc, self.best_accuracy)
+        return new_best
+
+    def _save(self, best: bool = False) -> None:
+        state = self.state_dict()  # every rank joins: RNG states are gathered
+        path = self.checkpoints.save(state, self.global_step, best=best)
+        if path is not None:
+            log.info("saved %s%s", path, " (best)" if best else "")
+
+    def _progress_bar(self) -> Any:
+        if not (self.info.is_main and sys.stdout.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True)

@@ -1,0 +1,47 @@
+"""Train a recurrent classifier on sequence-MNIST with DistributedDataParallel.
+
+    python train_ddp.py                                   # one process (CPU or one GPU)
+    torchrun --nproc_per_node=4 train_ddp.py train.epochs=3
+    accelerate launch --num_processes 2 train_ddp.py --config configs/seed_lstm.yaml
+    python train_ddp.py --help
+
+Overrides are OmegaConf dotlist entries (key=value); see configs/default.yaml for every key.
+Exit codes: 0 done (or already finished), 2 bad input (one-line message), 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from rnnddp import dist
+from rnnddp.config import load_config
+from rnnddp.errors import UserError
+from rnnddp.job import run
+from rnnddp.metrics import setup_logging
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    info = dist.DistInfo()
+    try:
+        cfg = load_config(argv)
+        info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
+        setup_logging(info.is_main, info.rank)
+        return run(cfg, info)
+    except UserError as e:
+        # Every rank meets the same bad input; one line from rank 0 is enough.
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        logging.getLogger("rnnddp").warning("interrupted")
+        return 130
+    finally:
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
