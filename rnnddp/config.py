@@ -53,7 +53,7 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adam | sgd
-    lr: float = 0.003
+    lr: float = 0.005
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -153,9 +153,7 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
             config_path = next(it, None)
             if config_path is None:
                 raise UserError("--config needs a path: --config configs/default.yaml")
-        elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif arg.startswith("config="):
+        elif arg.startswith("--config=") or arg.startswith("config="):
             config_path = arg.split("=", 1)[1]
         elif arg.startswith("--") or "=" not in arg:
             raise UserError(

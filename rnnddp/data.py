@@ -100,8 +100,6 @@ def locate_mnist(root: str, cache_dir: str = "", download: bool = True) -> Path:
     for gz_dir in (root_p / "MNIST" / "raw", root_p / "raw", root_p):
         if _has_raw(gz_dir, ".gz"):
             return _extract(gz_dir, cache)
-    if _has_raw(cache / "MNIST" / "raw"):
-        return cache
     looked = f"{root_p / 'MNIST' / 'raw'} (IDX or .gz files)"
     if not download:
         raise UserError(f"MNIST not found in {looked}; copy the four IDX files there or set data.download=true")
@@ -192,7 +190,7 @@ class TrainBatches:
             yield to_sequences(images, self.normalize), labels
 
 
-def test_batches(
+def eval_batches(
     split: Split, batch_size: int, device: torch.device, normalize: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole test set in order, every sample exactly once (last batch may be short)."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnddp.data import Split, test_batches
+from rnnddp.data import Split, eval_batches
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for x, y in test_batches(split, batch_size, device, normalize):
+    for x, y in eval_batches(split, batch_size, device, normalize):
         with autocast or contextlib.nullcontext():
             logits = module(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()

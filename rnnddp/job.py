@@ -103,7 +103,9 @@ def run(cfg: Config, info: DistInfo) -> int:
     if state is not None:
         trainer.load_state_dict(state)
         if trainer.finished:
-            log.info("run %s already finished at step %d (%s); nothing to do", cfg.name, trainer.global_step, resume_path)
+            log.info(
+                "run %s already finished at step %d (%s); nothing to do", cfg.name, trainer.global_step, resume_path
+            )
             return 0
         log.info(
             "resuming from %s at step %d (epoch %d, batch %d)",
@@ -125,5 +127,7 @@ def run(cfg: Config, info: DistInfo) -> int:
         result = trainer.fit()
     finally:
         trainer.logger.close()
-    log.info("done: test accuracy %.4f, loss %.4f (best %.4f)", result["accuracy"], result["loss"], trainer.best_accuracy)
+    log.info(
+        "done: test accuracy %.4f, loss %.4f (best %.4f)", result["accuracy"], result["loss"], trainer.best_accuracy
+    )
     return 0

@@ -68,7 +68,7 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115  (lives as long as the run)
         if wandb_cfg is not None:
             self.wandb_run = self._init_wandb(run_dir, wandb_cfg, run_name, config or {})
 

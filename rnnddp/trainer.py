@@ -107,7 +107,11 @@ class Trainer:
     ) -> None:
         self.cfg, self.info = cfg, info
         self.module = module  # unwrapped: evaluated and checkpointed
-        self.model = DDP(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None) if info.distributed else module
+        self.model = (
+            DDP(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+            if info.distributed
+            else module
+        )
         self.train, self.test = train, test
         self.checkpoints = checkpoints
         self.logger = logger or MetricsLogger("", enabled=False)
@@ -243,7 +247,9 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
-        self.logger.summary({"best_accuracy": self.best_accuracy, **{f"final/{k}": v for k, v in self.last_eval.items()}})
+        self.logger.summary(
+            {"best_accuracy": self.best_accuracy, **{f"final/{k}": v for k, v in self.last_eval.items()}}
+        )
         return self.last_eval
 
     def _evaluate(self) -> bool:
@@ -266,7 +272,12 @@ class Trainer:
         new_best = acc > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, acc)
         self.last_eval = {"loss": loss, "accuracy": acc}
-        metrics = {"eval/loss": loss, "eval/accuracy": acc, "eval/best_accuracy": self.best_accuracy, "epoch": self.epoch}
+        metrics = {
+            "eval/loss": loss,
+            "eval/accuracy": acc,
+            "eval/best_accuracy": self.best_accuracy,
+            "epoch": self.epoch,
+        }
         self.logger.log(metrics, self.global_step)
         log.info("eval step %d: loss %.4f accuracy %.4f (best %.4f)", self.global_step, loss, acc, self.best_accuracy)
         return new_best

@@ -1,0 +1,79 @@
+"""Shared helpers: where the real MNIST lives, and how to launch the real job (python or torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# The real MNIST: RNNDDP_TEST_DATA, else the shared copy beside the checkout (read-only in CI).
+DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    if not (DATA_ROOT / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real MNIST not found under {DATA_ROOT} (set RNNDDP_TEST_DATA to a folder holding MNIST/raw)")
+    return DATA_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One extraction cache per test session, never the user's ~/.cache; W&B never phones home.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_job(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train_ddp.py for real: plain python for one process, torchrun (gloo) for several."""
+    if nproc == 1:
+        cmd = [sys.executable, str(REPO / "train_ddp.py"), *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(REPO / "train_ddp.py"),
+            *args,
+        ]
+    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_eval(run_dir: Path) -> dict:
+    return [m for m in read_metrics(run_dir) if "eval/accuracy" in m][-1]
+
+
+def latest_state(run_dir: Path) -> dict:
+    ckpt = run_dir / "checkpoints"
+    return torch.load(ckpt / (ckpt / "latest").read_text().strip(), weights_only=True)

@@ -1,0 +1,155 @@
+"""Real processes: torchrun with gloo on CPU, the real MNIST, the real entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from rnnddp.models import build_model
+from tests.conftest import REPO, final_eval, job_env, latest_state, read_metrics, run_job
+
+SHORT = [
+    "model.hidden_size=32",
+    "train.global_batch_size=64",
+    "wandb.mode=disabled",
+    "eval.batch_size=2000",
+]
+
+
+def _params_close(a: dict, b: dict, atol: float) -> float:
+    worst = 0.0
+    for k in a["model"]:
+        worst = max(worst, (a["model"][k] - b["model"][k]).abs().max().item())
+    assert worst <= atol, f"max parameter difference {worst} > {atol}"
+    return worst
+
+
+def test_two_ranks_match_one_process(tmp_path: Path, mnist_root):
+    # Same seed and global batch: gradients averaged over 2 shards == one process on the batch.
+    args = [*SHORT, f"data.root={mnist_root}", "train.max_steps=20", "optim.lr=0.01", "sched.name=cosine"]
+    run_job([*args, f"run_dir={tmp_path}/w1"], nproc=1)
+    run_job([*args, f"run_dir={tmp_path}/w2"], nproc=2)
+    one, two = latest_state(tmp_path / "w1"), latest_state(tmp_path / "w2")
+    assert one["global_step"] == two["global_step"] == 20
+    assert two["world_size"] == 2 and len(two["rng"]) == 2
+    _params_close(one, two, atol=1e-5)
+    # The parameters did move: the comparison is not between two initialisations.
+    torch.manual_seed(0)
+    init = build_model(one["model_args"]).state_dict()
+    moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-3
+
+
+def test_resume_mid_epoch_is_bitwise_exact(tmp_path: Path, mnist_root):
+    # Dropout (2 layers) and a cosine schedule: exact only if RNG, optimiser and schedule come back.
+    args = [
+        *SHORT,
+        f"data.root={mnist_root}",
+        "model.num_layers=2",
+        "model.dropout=0.3",
+        "sched.name=cosine",
+        "train.max_steps=30",
+        "checkpoint.every_steps=10",
+    ]
+    run_job([*args, f"run_dir={tmp_path}/full"], nproc=2)
+    mid = tmp_path / "full" / "checkpoints" / "step_0000020.pt"
+    assert mid.is_file()
+    # Continue another run directory from step 20 of the first.
+    run_job([*args, f"run_dir={tmp_path}/resumed", f"resume={mid}"], nproc=2)
+    full, resumed = latest_state(tmp_path / "full"), latest_state(tmp_path / "resumed")
+    assert resumed["global_step"] == 30
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], resumed["model"][k]), k
+    for k, v in full["optimizer"]["state"][0].items():
+        assert torch.equal(v, resumed["optimizer"]["state"][0][k]), k
+    steps = [m["step"] for m in read_metrics(tmp_path / "resumed") if "train/loss" in m]
+    assert steps == [30]  # only steps 21..30 ran (logged once, at the end)
+
+
+def test_resume_auto_continues_and_finished_run_exits_0(tmp_path: Path, mnist_root):
+    args = [*SHORT, f"data.root={mnist_root}", "model.num_layers=2", "model.dropout=0.3", "sched.name=constant", "train.log_every_steps=5"]
+    run_job([*args, "train.max_steps=25", f"run_dir={tmp_path}/a"], nproc=2)
+    run_job([*args, "train.max_steps=15", f"run_dir={tmp_path}/b"], nproc=2)
+    proc = run_job([*args, "train.max_steps=25", f"run_dir={tmp_path}/b"], nproc=2)  # resume=auto
+    assert "resuming from" in proc.stdout and "step 15" in proc.stdout
+    a, b = latest_state(tmp_path / "a"), latest_state(tmp_path / "b")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    train_steps = [m["step"] for m in read_metrics(tmp_path / "b") if "train/loss" in m]
+    assert train_steps == [5, 10, 15, 20, 25]  # none lost, none twice
+    again = run_job([*args, "train.max_steps=25", f"run_dir={tmp_path}/b"], nproc=2)
+    assert "already finished at step 25" in again.stdout
+    assert [m["step"] for m in read_metrics(tmp_path / "b") if "train/loss" in m] == train_steps
+
+
+def test_world_size_change_on_resume_keeps_the_data_position(tmp_path: Path, mnist_root):
+    args = [*SHORT, f"data.root={mnist_root}", "sched.name=constant"]
+    run_job([*args, "train.max_steps=20", f"run_dir={tmp_path}/ref"], nproc=1)
+    run_job([*args, "train.max_steps=10", f"run_dir={tmp_path}/mix"], nproc=2)
+    proc = run_job([*args, "train.max_steps=20", f"run_dir={tmp_path}/mix"], nproc=1)
+    assert "written by 2 ranks, resuming on 1" in proc.stdout + proc.stderr
+    _params_close(latest_state(tmp_path / "ref"), latest_state(tmp_path / "mix"), atol=1e-5)
+
+
+def test_checkpoint_of_another_shape_is_refused_untouched(tmp_path: Path, mnist_root):
+    run = tmp_path / "run"
+    run_job([*SHORT, f"data.root={mnist_root}", "train.max_steps=5", f"run_dir={run}"])
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    config_before = (run / "config.yaml").read_text()
+    proc = run_job([*SHORT, f"data.root={mnist_root}", "train.max_steps=10", "model.hidden_size=48", f"run_dir={run}"], check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "different model (hidden_size: checkpoint 32 vs config 48)" in lines[0], proc.stderr
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert (run / "config.yaml").read_text() == config_before
+
+
+def test_resume_none_refuses_to_overwrite(tmp_path: Path, mnist_root):
+    run = tmp_path / "run"
+    run_job([*SHORT, f"data.root={mnist_root}", "train.max_steps=5", f"run_dir={run}"])
+    proc = run_job([*SHORT, f"data.root={mnist_root}", "train.max_steps=5", "resume=none", f"run_dir={run}"], check=False)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+
+
+def test_missing_data_folder_exits_2_under_torchrun(tmp_path: Path):
+    proc = run_job(
+        [*SHORT, f"data.root={tmp_path}/nothing", "data.download=false", f"run_dir={tmp_path}/run"], nproc=2, check=False
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "MNIST not found in" in errors[0] and "nothing" in errors[0], proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_accelerate_launch_trains_on_cpu(tmp_path: Path, mnist_root):
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16",  # precision=auto follows it
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(REPO / "train_ddp.py"),
+        *SHORT,
+        f"data.root={mnist_root}",
+        "train.max_steps=60",
+        "sched.name=constant",
+        f"run_dir={tmp_path}/run",
+    ]
+    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    state = latest_state(tmp_path / "run")
+    assert state["world_size"] == 2 and state["global_step"] == 60
+    assert "precision bf16" in proc.stdout
+    assert final_eval(tmp_path / "run")["eval/accuracy"] > 0.5  # 60 steps already learn something

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from rnnddp.models import build_model
+from rnnddp.trainer import lr_factor
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])
+def test_shapes_and_backward(cell, layers, bidirectional):
+    args = dict(cell=cell, input_size=28, hidden_size=12, num_layers=layers, dropout=0.1, bidirectional=bidirectional, num_classes=10)
+    model = build_model(args)
+    x = torch.rand(5, 28, 28)
+    logits = model(x)
+    assert logits.shape == (5, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.args == args
+
+
+def test_unidirectional_head_reads_the_last_step():
+    model = build_model(dict(cell="lstm", input_size=28, hidden_size=6, num_layers=2, dropout=0.0, bidirectional=False, num_classes=10))
+    x = torch.rand(3, 28, 28)
+    out, _ = model.rnn(x)
+    assert torch.allclose(model(x), model.head(out[:, -1]))
+
+
+def test_bidirectional_head_sees_both_final_states():
+    model = build_model(dict(cell="gru", input_size=28, hidden_size=6, num_layers=1, dropout=0.0, bidirectional=True, num_classes=10))
+    x = torch.rand(3, 28, 28)
+    out, _ = model.rnn(x)
+    both = torch.cat([out[:, -1, :6], out[:, 0, 6:]], dim=1)  # forward at step T, backward at step 1
+    assert torch.allclose(model(x), model.head(both), atol=1e-6)
+
+
+class _S:
+    def __init__(self, **kw):
+        self.__dict__.update(dict(name="constant", warmup_steps=0, min_lr_ratio=0.0, pct_start=0.2) | kw)
+
+
+def test_schedules():
+    assert lr_factor(50, 100, _S()) == 1.0
+    assert lr_factor(0, 100, _S(warmup_steps=10)) == pytest.approx(0.1)
+    cos = _S(name="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cos) == pytest.approx(1.0)
+    assert lr_factor(100, 100, cos) == pytest.approx(0.1)
+    one = _S(name="onecycle", pct_start=0.25)
+    factors = [lr_factor(s, 100, one) for s in range(100)]
+    assert factors[0] == pytest.approx(1 / 25) and max(factors) == pytest.approx(1.0, abs=1e-3)
+    assert factors.index(max(factors)) == 25 and factors[-1] < 1e-3
