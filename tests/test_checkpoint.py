@@ -12,11 +12,18 @@ from rnnddp.models import build_model
 
 
 def _state(step: int) -> dict:
-    model = build_model(dict(cell="lstm", input_size=28, hidden_size=8, num_layers=1, dropout=0.0, bidirectional=False, num_classes=10))
+    model = build_model(
+        dict(cell="lstm", input_size=28, hidden_size=8, num_layers=1, dropout=0.0, bidirectional=False, num_classes=10)
+    )
     opt = torch.optim.AdamW(model.parameters())
     model(torch.rand(2, 28, 28)).sum().backward()
     opt.step()
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "global_step": step, "rng": [{"torch": torch.get_rng_state()}]}
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "global_step": step,
+        "rng": [{"torch": torch.get_rng_state()}],
+    }
 
 
 def test_round_trip_is_exact(tmp_path: Path):
@@ -38,7 +45,15 @@ def test_keeps_newest_k_plus_best(tmp_path: Path):
     for step in (2, 3, 4):
         m.save(_state(step), step)
     names = sorted(p.name for p in m.dir.iterdir())
-    assert names == ["best.pt", "best.pt.sha256", "latest", "step_0000003.pt", "step_0000003.pt.sha256", "step_0000004.pt", "step_0000004.pt.sha256"]
+    assert names == [
+        "best.pt",
+        "best.pt.sha256",
+        "latest",
+        "step_0000003.pt",
+        "step_0000003.pt.sha256",
+        "step_0000004.pt",
+        "step_0000004.pt.sha256",
+    ]
     assert checkpoint.load(m.dir / "best.pt")["global_step"] == 1
     assert checkpoint.verify(m.dir / "best.pt") is None
 
@@ -51,7 +66,9 @@ def test_crash_during_save_leaves_latest_on_the_previous_file(tmp_path: Path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dies)
-    with pytest.raises(UserError, match="cannot write checkpoint .*step_0000002.pt .*No space left.*earlier checkpoints are untouched"):
+    with pytest.raises(
+        UserError, match="cannot write checkpoint .*step_0000002.pt .*No space left.*earlier checkpoints are untouched"
+    ):
         m.save(_state(2), 2)
     assert m.find_latest() == good
     assert sorted(p.name for p in m.dir.iterdir()) == ["latest", "step_0000001.pt", "step_0000001.pt.sha256"]

@@ -8,7 +8,7 @@ import torch
 from torchvision.datasets import MNIST
 from torchvision.transforms.functional import to_tensor
 
-from rnnddp.data import MNIST_FILES, Split, TrainBatches, load_mnist, locate_mnist, eval_batches
+from rnnddp.data import MNIST_FILES, Split, TrainBatches, eval_batches, load_mnist, locate_mnist
 from rnnddp.errors import UserError
 
 
@@ -25,7 +25,7 @@ def test_real_mnist_shapes_and_range(splits):
     batches = TrainBatches(train, global_batch_size=64, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
     x, y = next(batches.epoch(0))
     assert x.shape == (64, 28, 28) and x.dtype == torch.float32 and y.shape == (64,)
-    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.99
+    assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.99
 
 
 def test_fast_path_matches_sampler_order_and_totensor(splits, mnist_root):
@@ -52,12 +52,16 @@ def test_shards_are_disjoint_cover_the_epoch_and_match_one_process(world):
     split = _fake(1000)
     B = 12 * world
     shards = [
-        TrainBatches(split, global_batch_size=B, rank=r, world_size=world, seed=5, device=torch.device("cpu")).indices(0)
+        TrainBatches(split, global_batch_size=B, rank=r, world_size=world, seed=5, device=torch.device("cpu")).indices(
+            0
+        )
         for r in range(world)
     ]
     flat = torch.cat([s.flatten() for s in shards])
     assert len(set(flat.tolist())) == len(flat) == (1000 // B) * B  # disjoint, every full batch used
-    single = TrainBatches(split, global_batch_size=B, rank=0, world_size=1, seed=5, device=torch.device("cpu")).indices(0)
+    single = TrainBatches(split, global_batch_size=B, rank=0, world_size=1, seed=5, device=torch.device("cpu")).indices(
+        0
+    )
     for step in range(single.shape[0]):
         # Global batch s holds the same samples whatever the world size.
         together = torch.cat([s[step] for s in shards])

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rnnddp.models import build_model
-from tests.conftest import REPO, final_eval, job_env, latest_state, read_metrics, run_job
+from tests.conftest import REPO, final_eval, free_port, job_env, latest_state, read_metrics, run_job
 
 SHORT = [
     "model.hidden_size=32",
@@ -70,7 +70,14 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path: Path, mnist_root):
 
 
 def test_resume_auto_continues_and_finished_run_exits_0(tmp_path: Path, mnist_root):
-    args = [*SHORT, f"data.root={mnist_root}", "model.num_layers=2", "model.dropout=0.3", "sched.name=constant", "train.log_every_steps=5"]
+    args = [
+        *SHORT,
+        f"data.root={mnist_root}",
+        "model.num_layers=2",
+        "model.dropout=0.3",
+        "sched.name=constant",
+        "train.log_every_steps=5",
+    ]
     run_job([*args, "train.max_steps=25", f"run_dir={tmp_path}/a"], nproc=2)
     run_job([*args, "train.max_steps=15", f"run_dir={tmp_path}/b"], nproc=2)
     proc = run_job([*args, "train.max_steps=25", f"run_dir={tmp_path}/b"], nproc=2)  # resume=auto
@@ -99,7 +106,9 @@ def test_checkpoint_of_another_shape_is_refused_untouched(tmp_path: Path, mnist_
     run_job([*SHORT, f"data.root={mnist_root}", "train.max_steps=5", f"run_dir={run}"])
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     config_before = (run / "config.yaml").read_text()
-    proc = run_job([*SHORT, f"data.root={mnist_root}", "train.max_steps=10", "model.hidden_size=48", f"run_dir={run}"], check=False)
+    proc = run_job(
+        [*SHORT, f"data.root={mnist_root}", "train.max_steps=10", "model.hidden_size=48", f"run_dir={run}"], check=False
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "different model (hidden_size: checkpoint 32 vs config 48)" in lines[0], proc.stderr
@@ -110,13 +119,17 @@ def test_checkpoint_of_another_shape_is_refused_untouched(tmp_path: Path, mnist_
 def test_resume_none_refuses_to_overwrite(tmp_path: Path, mnist_root):
     run = tmp_path / "run"
     run_job([*SHORT, f"data.root={mnist_root}", "train.max_steps=5", f"run_dir={run}"])
-    proc = run_job([*SHORT, f"data.root={mnist_root}", "train.max_steps=5", "resume=none", f"run_dir={run}"], check=False)
+    proc = run_job(
+        [*SHORT, f"data.root={mnist_root}", "train.max_steps=5", "resume=none", f"run_dir={run}"], check=False
+    )
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
 
 def test_missing_data_folder_exits_2_under_torchrun(tmp_path: Path):
     proc = run_job(
-        [*SHORT, f"data.root={tmp_path}/nothing", "data.download=false", f"run_dir={tmp_path}/run"], nproc=2, check=False
+        [*SHORT, f"data.root={tmp_path}/nothing", "data.download=false", f"run_dir={tmp_path}/run"],
+        nproc=2,
+        check=False,
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -139,7 +152,7 @@ def test_accelerate_launch_trains_on_cpu(tmp_path: Path, mnist_root):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "0",
+        str(free_port()),
         str(REPO / "train_ddp.py"),
         *SHORT,
         f"data.root={mnist_root}",

@@ -8,7 +8,15 @@ from rnnddp.trainer import lr_factor
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])
 def test_shapes_and_backward(cell, layers, bidirectional):
-    args = dict(cell=cell, input_size=28, hidden_size=12, num_layers=layers, dropout=0.1, bidirectional=bidirectional, num_classes=10)
+    args = dict(
+        cell=cell,
+        input_size=28,
+        hidden_size=12,
+        num_layers=layers,
+        dropout=0.1,
+        bidirectional=bidirectional,
+        num_classes=10,
+    )
     model = build_model(args)
     x = torch.rand(5, 28, 28)
     logits = model(x)
@@ -19,14 +27,18 @@ def test_shapes_and_backward(cell, layers, bidirectional):
 
 
 def test_unidirectional_head_reads_the_last_step():
-    model = build_model(dict(cell="lstm", input_size=28, hidden_size=6, num_layers=2, dropout=0.0, bidirectional=False, num_classes=10))
+    model = build_model(
+        dict(cell="lstm", input_size=28, hidden_size=6, num_layers=2, dropout=0.0, bidirectional=False, num_classes=10)
+    )
     x = torch.rand(3, 28, 28)
     out, _ = model.rnn(x)
     assert torch.allclose(model(x), model.head(out[:, -1]))
 
 
 def test_bidirectional_head_sees_both_final_states():
-    model = build_model(dict(cell="gru", input_size=28, hidden_size=6, num_layers=1, dropout=0.0, bidirectional=True, num_classes=10))
+    model = build_model(
+        dict(cell="gru", input_size=28, hidden_size=6, num_layers=1, dropout=0.0, bidirectional=True, num_classes=10)
+    )
     x = torch.rand(3, 28, 28)
     out, _ = model.rnn(x)
     both = torch.cat([out[:, -1, :6], out[:, 0, 6:]], dim=1)  # forward at step T, backward at step 1

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.slow
 def test_seed_lstm_two_ranks_one_epoch_reaches_96(tmp_path: Path, mnist_root):
     # The tutorial's model: LSTM-64, batch 64, Adam 0.01, one epoch; here split over 2 ranks.
     run = tmp_path / "seed"
-    run_job(["--config", "configs/seed_lstm.yaml", f"data.root={mnist_root}", "wandb.mode=offline", f"run_dir={run}"], nproc=2)
+    run_job(
+        ["--config", "configs/seed_lstm.yaml", f"data.root={mnist_root}", "wandb.mode=offline", f"run_dir={run}"],
+        nproc=2,
+    )
     result = final_eval(run)
     assert result["eval/accuracy"] >= 0.96, result
     assert result["epoch"] == 1
