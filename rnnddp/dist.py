@@ -55,7 +55,8 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     else:
         device = torch.device("cpu")
     info = DistInfo(rank, local_rank, world_size, device, "")
-    if world_size > 1:
+    # Under a launcher (RANK set) join a group even at world size 1: same code path as N ranks.
+    if world_size > 1 or "RANK" in os.environ:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(
             backend=backend,
