@@ -20,6 +20,8 @@ DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "da
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     if not (DATA_ROOT / "MNIST" / "raw").is_dir():
+        if os.environ.get("RNNDDP_REQUIRE_DATA"):  # CI: missing data is a failure, not a skip
+            pytest.fail(f"real MNIST not found under {DATA_ROOT}")
         pytest.skip(f"real MNIST not found under {DATA_ROOT} (set RNNDDP_TEST_DATA to a folder holding MNIST/raw)")
     return DATA_ROOT
 
