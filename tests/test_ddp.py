@@ -166,3 +166,14 @@ def test_accelerate_launch_trains_on_cpu(tmp_path: Path, mnist_root):
     assert state["world_size"] == 2 and state["global_step"] == 60
     assert "precision bf16" in proc.stdout
     assert final_eval(tmp_path / "run")["eval/accuracy"] > 0.5  # 60 steps already learn something
+
+
+def test_wandb_offline_run_id_survives_resume(tmp_path: Path, mnist_root):
+    run = tmp_path / "run"
+    args = [*SHORT, f"data.root={mnist_root}", "wandb.mode=offline", f"run_dir={run}"]
+    run_job([*args, "train.max_steps=5"], nproc=2)
+    first = latest_state(run)["wandb_run_id"]
+    run_job([*args, "train.max_steps=10"], nproc=2)
+    assert latest_state(run)["wandb_run_id"] == first
+    runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(first) for name in runs), runs  # one W&B run, two sessions
