@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,16 @@ def verify(path: Path) -> str | None:
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint on CPU without running pickled code."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notice; the error says enough
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:160]
+        # torch's message is long; keep the line that names what was refused.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith(("Unsupported", "Trying to"))), lines[-1] if lines else "")
         raise UserError(
             f"refusing to load {path}: it holds pickled objects other than tensors and plain "
-            f"containers ({first}); use a checkpoint written by rnnddp"
+            f"containers ({detail[:120]}); use a checkpoint written by rnnddp"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:160]}") from None

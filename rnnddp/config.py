@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     log_every_steps: int = 50
+    max_nonfinite: int = 3  # fp32/bf16: stop after this many consecutive non-finite losses
+    # Signals that stop the job cleanly: checkpoint at the next step boundary, then exit 75.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
 
 @dataclass
@@ -95,6 +99,15 @@ class DistConfig:
 
 
 @dataclass
+class DebugConfig:
+    # Fault injection for tests: SIGKILL rank fail_rank after step fail_at_step, on the first
+    # attempt only (TORCHELASTIC_RESTART_COUNT unset or 0), so torchrun's restart can recover.
+    fail_at_step: int = 0
+    fail_rank: int = 0
+    nonfinite_from_step: int = 0  # > 0: the loss is NaN from this step on (tests divergence handling)
+
+
+@dataclass
 class Config:
     seed: int = 0
     name: str = "default"
@@ -109,6 +122,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 CHOICES = {
@@ -140,6 +154,10 @@ NON_NEGATIVE = (
     "optim.weight_decay",
     "sched.warmup_steps",
     "data.num_workers",
+    "train.max_nonfinite",
+    "debug.fail_at_step",
+    "debug.fail_rank",
+    "debug.nonfinite_from_step",
 )
 
 
@@ -227,6 +245,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("bad value for config key 'model.dropout': must be in [0, 1)")
     if not 0.0 < cfg.sched.pct_start < 1.0:
         raise UserError("bad value for config key 'sched.pct_start': must be in (0, 1)")
+    for name in cfg.train.stop_signals:
+        if not isinstance(getattr(signal, str(name), None), signal.Signals):
+            raise UserError(
+                f"bad value for config key 'train.stop_signals': {name!r} is not a signal name (e.g. SIGTERM)"
+            )
     if len(cfg.optim.betas) != 2:
         raise UserError("bad value for config key 'optim.betas': give two numbers, e.g. [0.9,0.999]")
 

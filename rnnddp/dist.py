@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ class DistInfo:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     backend: str = ""  # "" when no process group was created
+    cpu_group: Any = None  # a gloo group for host-side votes (None: the default group is gloo)
 
     @property
     def is_main(self) -> bool:
@@ -64,6 +66,8 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
             **kwargs,
         )
         info.backend = backend
+        if backend == "nccl":
+            info.cpu_group = dist.new_group(backend="gloo")
     return info
 
 
@@ -120,3 +124,41 @@ def gather_objects(obj: object, info: DistInfo) -> list:
     out: list = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def max_value(value: torch.Tensor) -> torch.Tensor:
+    """Maximum of a tensor over ranks (in place when distributed)."""
+    if _active():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+class FlagVote:
+    """Agree across ranks on a host-side flag (a stop request) without stalling each step.
+
+    Every rank calls ``vote(flag)`` once per step; the all-reduce it starts runs in the
+    background on a CPU (gloo) group and is read at the next call. So all ranks see the same
+    answer one step later, and none is left waiting alone in a collective.
+    """
+
+    def __init__(self, info: DistInfo) -> None:
+        self.group = info.cpu_group
+        self._work: Any = None
+        self._buf = torch.zeros(1)
+
+    def __call__(self, flag: bool) -> bool:
+        if not _active():
+            return flag
+        agreed = False
+        if self._work is not None:
+            self._work.wait()
+            agreed = self._buf.item() > 0
+        self._buf = torch.tensor([1.0 if flag else 0.0])
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Finish the vote in flight, so later collectives line up on every rank."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None

@@ -8,3 +8,12 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged (loss NaN/inf for too many consecutive steps); the last good checkpoint stays latest."""
+
+    exit_code = 3
+
+
+EXIT_STOPPED = 75  # stopped on a signal after a checkpoint: resumable (EX_TEMPFAIL, "try again")

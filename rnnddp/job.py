@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import Config, to_dict, to_yaml
 from rnnddp.data import TrainBatches, load_mnist, locate_mnist
 from rnnddp.dist import DistInfo
-from rnnddp.errors import UserError
+from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.metrics import MetricsLogger, new_run_id
 from rnnddp.models import build_model, model_args
 from rnnddp.trainer import Trainer
@@ -123,10 +124,19 @@ def run(cfg: Config, info: DistInfo) -> int:
     trainer.logger = MetricsLogger(
         run_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_name=cfg.name, config=to_dict(cfg), run_id=run_id
     )
+    if state is not None:
+        trainer.logger.event("resume", trainer.global_step, checkpoint=str(resume_path), world_size=info.world_size)
     try:
-        result = trainer.fit()
+        status = trainer.fit()
     finally:
         trainer.logger.close()
+    if status == "stopped":
+        took = time.monotonic() - trainer.stop.time if trainer.stop.time is not None else 0.0
+        log.warning(
+            "exiting %d (resumable) %.2fs after the stop request; rerun the same command to resume", EXIT_STOPPED, took
+        )
+        return EXIT_STOPPED
+    result = trainer.last_eval
     log.info(
         "done: test accuracy %.4f, loss %.4f (best %.4f)", result["accuracy"], result["loss"], trainer.best_accuracy
     )

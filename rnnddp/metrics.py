@@ -107,6 +107,11 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def event(self, name: str, step: int, **fields: Any) -> None:
+        """A non-metric record in metrics.jsonl (resume, stop), so step counts can be audited."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), "event": name, **fields}) + "\n")
+
     def summary(self, values: dict[str, float]) -> None:
         if self.wandb_run is not None:
             for k, v in values.items():

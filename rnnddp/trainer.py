@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from typing import Any
@@ -24,8 +25,10 @@ from rnnddp import dist
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.data import Split, TrainBatches
 from rnnddp.dist import DistInfo
+from rnnddp.errors import NonFiniteLossError
 from rnnddp.evaluate import evaluate
 from rnnddp.metrics import MetricsLogger, fmt
+from rnnddp.preemption import StopRequest
 
 log = logging.getLogger("rnnddp")
 ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -73,6 +76,28 @@ def lr_factor(step: int, total_steps: int, cfg: Any) -> float:
         t = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
+
+
+class _Window:
+    """Device-side running sums between log steps: no host sync per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.bad_run = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses now
+        self.bad_max = torch.zeros((), device=device, dtype=torch.long)  # longest such run in the window
+        self.reset()
+
+    def add(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.loss_sum += loss  # a NaN shows in the logged loss
+        self.bad_run = torch.where(finite, 0, self.bad_run + 1)
+        self.bad_max = torch.maximum(self.bad_max, self.bad_run)
+        self.steps += 1
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.bad_max.copy_(self.bad_run)
+        self.steps, self.start = 0, time.perf_counter()
 
 
 def _every(step: int, n: int) -> bool:
@@ -130,6 +155,7 @@ class Trainer:
         self.global_step = 0
         self.best_accuracy = -1.0
         self.last_eval: dict[str, float] = {}
+        self._window = _Window(info.device)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -181,6 +207,8 @@ class Trainer:
         with self.autocast:
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y)
+        if self.cfg.debug.nonfinite_from_step and self.global_step + 1 >= self.cfg.debug.nonfinite_from_step:
+            loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip > 0:
@@ -191,66 +219,117 @@ class Trainer:
         self.scheduler.step()
         return loss.detach()
 
-    def fit(self) -> dict[str, float]:
+    def fit(self) -> str:
+        """Train to the end ("finished") or to an agreed stop request ("stopped", checkpoint saved)."""
         cfg, info = self.cfg, self.info
-        steps_per_epoch = self.train.steps_per_epoch
         log.info(
             "training %d steps (%d epochs x %d steps, global batch %d over %d rank(s)), precision %s, device %s",
             self.total_steps,
             cfg.train.epochs,
-            steps_per_epoch,
+            self.train.steps_per_epoch,
             cfg.train.global_batch_size,
             info.world_size,
             self.precision,
             info.device,
         )
+        self.stop = StopRequest(list(cfg.train.stop_signals))
+        vote = dist.FlagVote(info)
         bar = self._progress_bar()
-        loss_sum = torch.zeros((), device=info.device)
-        window_steps, window_start = 0, time.perf_counter()
+        self._window.reset()
         self.module.train()
-        while not self.finished:
-            for x, y in self.train.epoch(self.epoch, self.step_in_epoch):
-                loss_sum += self._train_step(x, y)
-                self.step_in_epoch += 1
-                self.global_step += 1
-                window_steps += 1
-                if bar is not None:
-                    bar.update(1)
-                last_of_epoch = self.step_in_epoch == steps_per_epoch
-                if self.global_step % cfg.train.log_every_steps == 0 or last_of_epoch or self.finished:
-                    elapsed = time.perf_counter() - window_start
-                    loss = dist.mean(loss_sum / window_steps).item()
-                    samples_s = window_steps * cfg.train.global_batch_size / max(elapsed, 1e-9)
-                    metrics = {
-                        "train/loss": loss,
-                        "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/samples_per_s": samples_s,
-                        "epoch": self.epoch + self.step_in_epoch / steps_per_epoch,
-                    }
-                    self.logger.log(metrics, self.global_step)
+        try:
+            while not self.finished:
+                for x, y in self.train.epoch(self.epoch, self.step_in_epoch):
+                    self._window.add(self._train_step(x, y))
+                    self.step_in_epoch += 1
+                    self.global_step += 1
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_s:.0f}")
-                    else:
-                        log.info("step %d %s", self.global_step, fmt(metrics))
-                    loss_sum.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
-                if last_of_epoch:
-                    self.epoch += 1
-                    self.step_in_epoch = 0
-                boundary = last_of_epoch or self.finished
-                do_eval = boundary or _every(self.global_step, cfg.eval.every_steps)
-                do_save = boundary or _every(self.global_step, cfg.checkpoint.every_steps)
-                new_best = self._evaluate() if do_eval else False
-                if do_save or new_best:
-                    self._save(best=new_best)
-                if self.finished:
-                    break
-        if bar is not None:
-            bar.close()
+                        bar.update(1)
+                    self._maybe_inject_fault()
+                    if vote(self.stop.requested):
+                        vote.close()
+                        self._log_window(bar)
+                        self._save()
+                        log.warning(
+                            "stopped on %s at step %d: checkpoint saved",
+                            self.stop.name or "a peer's signal",
+                            self.global_step,
+                        )
+                        self.logger.event("stopped", self.global_step, signal=self.stop.name)
+                        return "stopped"
+                    self._after_step(bar)
+                    if self.finished:
+                        break
+        finally:
+            vote.close()
+            self.stop.close()
+            if bar is not None:
+                bar.close()
         self.logger.summary(
             {"best_accuracy": self.best_accuracy, **{f"final/{k}": v for k, v in self.last_eval.items()}}
         )
-        return self.last_eval
+        return "finished"
+
+    def _after_step(self, bar: Any) -> None:
+        """Log, evaluate and save when this step calls for it."""
+        cfg = self.cfg
+        last_of_epoch = self.step_in_epoch == self.train.steps_per_epoch
+        if _every(self.global_step, cfg.train.log_every_steps) or last_of_epoch or self.finished:
+            self._log_window(bar)
+        if last_of_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        boundary = last_of_epoch or self.finished
+        do_eval = boundary or _every(self.global_step, cfg.eval.every_steps)
+        do_save = boundary or _every(self.global_step, cfg.checkpoint.every_steps)
+        new_best = self._evaluate() if do_eval else False
+        if do_save or new_best:
+            self._save(best=new_best)
+
+    def _log_window(self, bar: Any) -> None:
+        """Average the loss since the last log over ranks, record it, and check for divergence."""
+        w = self._window
+        if w.steps == 0:
+            return
+        elapsed = time.perf_counter() - w.start
+        loss = dist.mean(w.loss_sum / w.steps).item()
+        worst_run = dist.max_value(w.bad_max.float()).item()
+        samples_s = w.steps * self.cfg.train.global_batch_size / max(elapsed, 1e-9)
+        metrics = {
+            "train/loss": loss,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/samples_per_s": samples_s,
+            "epoch": self.epoch + self.step_in_epoch / self.train.steps_per_epoch,
+        }
+        self.logger.log(metrics, self.global_step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_s:.0f}")
+        else:
+            log.info("step %d %s", self.global_step, fmt(metrics))
+        self._check_finite(worst_run)
+        w.reset()
+
+    def _check_finite(self, worst_run: float) -> None:
+        """fp32/bf16: stop after train.max_nonfinite consecutive non-finite losses (fp16: the scaler skips)."""
+        limit = self.cfg.train.max_nonfinite
+        if self.precision != "fp16" and limit and worst_run >= limit:
+            latest = self.checkpoints.find_latest() if self.info.is_main else None
+            raise NonFiniteLossError(
+                f"loss was not finite for {int(worst_run)} consecutive steps (by step {self.global_step}); "
+                f"lower optim.lr or set train.grad_clip; the last good checkpoint is {latest or 'none'}"
+            )
+
+    def _maybe_inject_fault(self) -> None:
+        dbg = self.cfg.debug
+        if (
+            dbg.fail_at_step
+            and self.global_step == dbg.fail_at_step
+            and self.info.rank == dbg.fail_rank
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        ):
+            log.error("debug.fail_at_step: killing rank %d at step %d", self.info.rank, self.global_step)
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _evaluate(self) -> bool:
         """Rank 0 evaluates the unwrapped module; the others wait in the broadcast of its result.
@@ -283,6 +362,10 @@ class Trainer:
         return new_best
 
     def _save(self, best: bool = False) -> None:
+        # A model that just produced a non-finite loss is never written: latest stays good.
+        if dist.max_value(self._window.bad_run.float()).item() > 0:
+            log.warning("not saving step %d: the last loss was not finite", self.global_step)
+            return
         state = self.state_dict()  # every rank joins: RNG states are gathered
         path = self.checkpoints.save(state, self.global_step, best=best)
         if path is not None:

@@ -47,21 +47,27 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run_job(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run train_ddp.py for real: plain python for one process, torchrun (gloo) for several."""
-    if nproc == 1:
-        cmd = [sys.executable, str(REPO / "train_ddp.py"), *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            str(REPO / "train_ddp.py"),
-            *args,
-        ]
+def job_cmd(args: list[str], nproc: int = 1, launcher: list[str] | None = None) -> list[str]:
+    """train_ddp.py for real: plain python for one process, torchrun (gloo) for several."""
+    if nproc == 1 and not launcher:
+        return [sys.executable, str(REPO / "train_ddp.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *(launcher or []),
+        str(REPO / "train_ddp.py"),
+        *args,
+    ]
+
+
+def run_job(
+    args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    cmd = job_cmd(args, nproc, launcher)
     proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -79,3 +85,14 @@ def final_eval(run_dir: Path) -> dict:
 def latest_state(run_dir: Path) -> dict:
     ckpt = run_dir / "checkpoints"
     return torch.load(ckpt / (ckpt / "latest").read_text().strip(), weights_only=True)
+
+
+def effective_train_steps(run_dir: Path) -> list[int]:
+    """Train-log steps that count toward the final model: a resume at step N voids later records."""
+    steps: list[int] = []
+    for m in read_metrics(run_dir):
+        if m.get("event") == "resume":
+            steps = [s for s in steps if s <= m["step"]]
+        elif "train/loss" in m:
+            steps.append(m["step"])
+    return steps

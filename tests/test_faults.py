@@ -1,0 +1,231 @@
+"""Fault tolerance with real processes: SIGKILL, stop signals, a crashed rank, bad checkpoints, NaNs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import (
+    REPO,
+    effective_train_steps,
+    final_eval,
+    job_cmd,
+    job_env,
+    latest_state,
+    read_metrics,
+    run_job,
+)
+
+STEPS = 150
+# Big enough that a signal lands mid-run; dropout and a cosine schedule make exactness meaningful.
+ARGS = [
+    "model.hidden_size=96",
+    "model.num_layers=2",
+    "model.dropout=0.2",
+    "sched.name=cosine",
+    "train.global_batch_size=64",
+    f"train.max_steps={STEPS}",
+    "train.log_every_steps=1",
+    "checkpoint.every_steps=10",
+    "wandb.mode=disabled",
+    "eval.batch_size=2000",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, mnist_root) -> dict:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    run_job([*ARGS, f"data.root={mnist_root}", f"run_dir={run}"], nproc=2)
+    return latest_state(run)
+
+
+def _assert_same_as(reference: dict, run: Path) -> None:
+    state = latest_state(run)
+    assert state["global_step"] == STEPS
+    for k, v in reference["model"].items():
+        assert torch.equal(v, state["model"][k]), f"parameter {k} differs"
+    for i, s in reference["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, state["optimizer"]["state"][i][k]), f"optimizer state {i}.{k} differs"
+    assert effective_train_steps(run) == list(range(1, STEPS + 1))  # none lost, none done twice
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    # Own session: the test can signal torchrun and its workers as a group.
+    return subprocess.Popen(
+        job_cmd(args, nproc=2),
+        env=job_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended early: {proc.stdout.read()[-2000:]}")
+        try:
+            steps = [m["step"] for m in read_metrics(run) if "train/loss" in m]
+        except (FileNotFoundError, ValueError):
+            steps = []
+        if steps and steps[-1] >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _workers(torchrun_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes, read from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != torchrun_pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{entry}/environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry)
+    return found
+
+
+def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path: Path, mnist_root, reference):
+    rng = random.Random()
+    kill_after = rng.randint(12, 100)
+    print(f"SIGKILL after step {kill_after}")
+    run = tmp_path / "run"
+    args = [*ARGS, f"data.root={mnist_root}", f"run_dir={run}"]
+    proc = _start(args)
+    _wait_for_step(run, kill_after, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, no chance to save
+    proc.wait(timeout=30)
+    assert (run / "checkpoints" / "latest").is_file()
+    resumed = run_job(args, nproc=2)
+    assert "resuming from" in resumed.stdout
+    _assert_same_as(reference, run)
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1 to rank 1 only", "SIGTERM to torchrun"])
+def test_stop_signal_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path: Path, mnist_root, reference, how):
+    run = tmp_path / "run"
+    args = [*ARGS, f"data.root={mnist_root}", f"run_dir={run}"]
+    proc = _start(args)
+    _wait_for_step(run, 15, proc)
+    if how.startswith("SIGUSR1"):
+        os.kill(_workers(proc.pid)[1], signal.SIGUSR1)  # rank 0 must learn of it through the vote
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # torchrun forwards SIGTERM to its workers
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out  # exit 75 from the workers: resumable, not finished
+    assert "stopped on" in out and "exiting 75" in out, out[-3000:]
+    stop = [m for m in read_metrics(run) if m.get("event") == "stopped"]
+    assert len(stop) == 1 and 15 <= stop[0]["step"] < STEPS
+    assert latest_state(run)["global_step"] == stop[0]["step"]  # saved at the stop, not at the last multiple of 10
+    run_job(args, nproc=2)
+    _assert_same_as(reference, run)
+
+
+def test_crashed_rank_is_recovered_by_torchrun_restart(tmp_path: Path, mnist_root):
+    run = tmp_path / "run"
+    proc = run_job(
+        [
+            "--config",
+            "configs/seed_lstm.yaml",
+            f"data.root={mnist_root}",
+            "wandb.mode=disabled",
+            "checkpoint.every_steps=200",
+            "debug.fail_at_step=450",
+            "debug.fail_rank=1",
+            f"run_dir={run}",
+        ],
+        nproc=2,
+        launcher=["--max-restarts=2"],
+    )
+    out = proc.stdout + proc.stderr
+    assert "killing rank 1 at step 450" in out and "resuming from" in out and "step_0000400.pt" in out, out[-3000:]
+    assert final_eval(run)["eval/accuracy"] >= 0.96  # the same bar as an uncrashed seed run
+    assert effective_train_steps(run)[-1] == latest_state(run)["global_step"] == 937
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete half"])
+def test_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path: Path, mnist_root, damage):
+    run = tmp_path / "run"
+    args = [
+        "model.hidden_size=16",
+        "wandb.mode=disabled",
+        "checkpoint.every_steps=10",
+        f"data.root={mnist_root}",
+        f"run_dir={run}",
+    ]
+    run_job([*args, "train.max_steps=20"])
+    newest = run / "checkpoints" / "step_0000020.pt"
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) - 100])
+    elif damage == "flip":
+        newest.write_bytes(data[:1000] + bytes(b ^ 0xFF for b in data[1000:1010]) + data[1010:])
+    else:
+        newest.write_bytes(data[: len(data) // 2])
+    proc = run_job([*args, "train.max_steps=30"])
+    assert "skipping checkpoint" in proc.stdout and "step_0000020.pt" in proc.stdout
+    assert "resuming from" in proc.stdout and "step_0000010.pt at step 10" in proc.stdout
+
+
+def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path: Path, mnist_root):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": Payload(), "global_step": 1}, f)
+    assert not marker.exists()
+    proc = run_job(
+        ["wandb.mode=disabled", f"data.root={mnist_root}", f"resume={evil}", f"run_dir={tmp_path}/run"], check=False
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing to load" in lines[0], proc.stderr
+    assert not marker.exists()
+
+
+def test_nonfinite_loss_stops_with_the_last_good_checkpoint_latest(tmp_path: Path, mnist_root):
+    run = tmp_path / "run"
+    proc = run_job(
+        [
+            "model.hidden_size=16",
+            "wandb.mode=disabled",
+            "train.log_every_steps=1",
+            "checkpoint.every_steps=5",
+            "train.max_nonfinite=3",
+            "debug.nonfinite_from_step=12",
+            "train.max_steps=40",
+            f"data.root={mnist_root}",
+            f"run_dir={run}",
+        ],
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr
+    assert "loss was not finite for 3 consecutive steps (by step 14)" in proc.stderr
+    state = latest_state(run)
+    assert state["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (run / "checkpoints" / "step_0000015.pt").exists()
