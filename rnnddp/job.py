@@ -12,7 +12,7 @@ import torch
 from rnnddp import checkpoint, dist
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import Config, to_dict, to_yaml
-from rnnddp.data import TrainBatches, load_mnist, locate_mnist
+from rnnddp.data import Split, TrainBatches, load_mnist, locate_mnist
 from rnnddp.dist import DistInfo
 from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.metrics import MetricsLogger, new_run_id
@@ -53,6 +53,40 @@ def check_compatible(state: dict[str, Any], args: dict, path: Path) -> None:
         )
 
 
+def build_trainer(
+    cfg: Config,
+    info: DistInfo,
+    train_split: Split,
+    test_split: Split,
+    manager: CheckpointManager,
+    input_size: int = 28,
+) -> Trainer:
+    """Data placement, batches, the model and the Trainer, as the job sets them up (benchmarks reuse it)."""
+    device_resident = cfg.data.device_resident == "true" or (
+        cfg.data.device_resident == "auto" and info.device.type == "cuda"
+    )
+    if device_resident:
+        train_split = train_split.to(info.device)
+    if info.device.type == "cuda":
+        test_split = test_split.to(info.device)
+    batches = TrainBatches(
+        train_split,
+        global_batch_size=cfg.train.global_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.seed,
+        device=info.device,
+        normalize=cfg.data.normalize,
+    )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    model = build_model(model_args(cfg.model, input_size=input_size)).to(info.device)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.enabled = True
+        model.rnn.flatten_parameters()  # contiguous weights: the fused cuDNN kernel, no per-call copy
+    torch.manual_seed(cfg.seed + info.rank)  # per-rank streams from here on (dropout)
+    return Trainer(cfg, info, model, batches, test_split, checkpoints=manager)
+
+
 def run(cfg: Config, info: DistInfo) -> int:
     run_dir = Path(cfg.run_dir)
     manager = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, writer=info.is_main)
@@ -77,30 +111,7 @@ def run(cfg: Config, info: DistInfo) -> int:
         root = locate_mnist(cfg.data.root, cfg.data.cache_dir, download=False)
     train_split, test_split = load_mnist(root)
 
-    device_resident = cfg.data.device_resident == "true" or (
-        cfg.data.device_resident == "auto" and info.device.type == "cuda"
-    )
-    if device_resident:
-        train_split = train_split.to(info.device)
-    test_split = test_split.to(info.device) if info.device.type == "cuda" else test_split
-    batches = TrainBatches(
-        train_split,
-        global_batch_size=cfg.train.global_batch_size,
-        rank=info.rank,
-        world_size=info.world_size,
-        seed=cfg.seed,
-        device=info.device,
-        normalize=cfg.data.normalize,
-    )
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    model = build_model(args).to(info.device)
-    if info.device.type == "cuda":
-        torch.backends.cudnn.enabled = True
-        model.rnn.flatten_parameters()  # contiguous weights: the fused cuDNN kernel, no per-call copy
-    torch.manual_seed(cfg.seed + info.rank)  # per-rank streams from here on (dropout)
-
-    trainer = Trainer(cfg, info, model, batches, test_split, checkpoints=manager)
+    trainer = build_trainer(cfg, info, train_split, test_split, manager)
     if state is not None:
         trainer.load_state_dict(state)
         if trainer.finished:

@@ -203,7 +203,7 @@ class Trainer:
         return self.global_step >= self.total_steps
 
     # -- loop -------------------------------------------------------------------------------
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast:
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -240,7 +240,7 @@ class Trainer:
         try:
             while not self.finished:
                 for x, y in self.train.epoch(self.epoch, self.step_in_epoch):
-                    self._window.add(self._train_step(x, y))
+                    self._window.add(self.train_step(x, y))
                     self.step_in_epoch += 1
                     self.global_step += 1
                     if bar is not None:
@@ -285,6 +285,8 @@ class Trainer:
         new_best = self._evaluate() if do_eval else False
         if do_save or new_best:
             self._save(best=new_best)
+        if do_eval or do_save or new_best:
+            self._window.start = time.perf_counter()  # samples/s counts training time only
 
     def _log_window(self, bar: Any) -> None:
         """Average the loss since the last log over ranks, record it, and check for divergence."""
