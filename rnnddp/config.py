@@ -49,7 +49,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     log_every_steps: int = 50
-    max_nonfinite: int = 3  # fp32/bf16: stop after this many consecutive non-finite losses
+    max_nonfinite: int = 3  # stop after this many consecutive non-finite losses (unless a GradScaler skips them)
     # Signals that stop the job cleanly: checkpoint at the next step boundary, then exit 75.
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 

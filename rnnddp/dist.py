@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 from rnnddp.errors import UserError
 
@@ -59,11 +60,16 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     info = DistInfo(rank, local_rank, world_size, device, "")
     # Under a launcher (RANK set) join a group even at world size 1: same code path as N ranks.
     if world_size > 1 or "RANK" in os.environ:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timeout))
+        # After torchrun restarts workers (--max-restarts) with a static rendezvous, the store can
+        # still hold the previous attempt's addresses, and gloo then dials a dead peer. Keys of
+        # our own per attempt keep every attempt apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"rnnddp/attempt_{attempt}/", store)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            **kwargs,
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
         )
         info.backend = backend
         if backend == "nccl":

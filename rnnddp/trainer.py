@@ -149,7 +149,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, cfg.sched)
         )
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
+        # Under bf16 autocast on CUDA, cuDNN's LSTM/GRU/RNN still run in fp16 (aten's AutocastRNN
+        # casts them to half, measured on an H200), so their gradients need loss scaling too.
+        scaled = self.precision == "fp16" or (self.precision == "bf16" and info.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=scaled)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -312,9 +315,9 @@ class Trainer:
         w.reset()
 
     def _check_finite(self, worst_run: float) -> None:
-        """fp32/bf16: stop after train.max_nonfinite consecutive non-finite losses (fp16: the scaler skips)."""
+        """Stop after train.max_nonfinite consecutive non-finite losses (with a GradScaler it skips those steps)."""
         limit = self.cfg.train.max_nonfinite
-        if self.precision != "fp16" and limit and worst_run >= limit:
+        if not self.scaler.is_enabled() and limit and worst_run >= limit:
             latest = self.checkpoints.find_latest() if self.info.is_main else None
             raise NonFiniteLossError(
                 f"loss was not finite for {int(worst_run)} consecutive steps (by step {self.global_step}); "
