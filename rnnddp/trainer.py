@@ -180,7 +180,9 @@ class Trainer:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        # else: the checkpoint ran without loss scaling (fp32/CPU); start the scaler fresh.
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
