@@ -6,7 +6,8 @@
     python train_ddp.py --help
 
 Overrides are OmegaConf dotlist entries (key=value); see configs/default.yaml for every key.
-Exit codes: 0 done (or already finished), 2 bad input (one-line message), 1 unexpected error.
+Exit codes: 0 done (or already finished), 75 stopped by a signal after a checkpoint (resumable),
+3 the loss diverged, 2 bad input (one-line message), 1 unexpected error.
 """
 
 from __future__ import annotations
