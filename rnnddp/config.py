@@ -23,17 +23,20 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"
-    root: str = "data"  # holds MNIST/raw/; downloaded there when absent and online
+    dataset: str = "mnist"  # mnist | fashion_mnist | kmnist
+    root: str = "data"  # holds MNIST/raw/ (FashionMNIST/raw/, KMNIST/raw/); downloaded there when absent and online
     cache_dir: str = ""  # where .gz-only copies are extracted; "" = ~/.cache/rnnddp
     download: bool = True
     normalize: bool = False  # mean/std normalisation on top of the [0, 1] scaling
     num_workers: int = 0  # batches are tensor slices, so no worker processes are needed
     device_resident: str = "auto"  # auto | true | false: keep the training set on the GPU
+    view: str = "rows"  # rows | columns | pixels | permuted_pixels: how an image becomes a sequence
+    permutation_seed: int = 0  # permuted_pixels: the fixed pixel order (same on every rank)
 
 
 @dataclass
 class ModelConfig:
+    name: str = "rnn"  # rnn (recurrent classifier) | cnn (the seed's two-conv CNN; rows/columns views only)
     cell: str = "lstm"  # lstm | gru | rnn
     hidden_size: int = 128
     num_layers: int = 1
@@ -126,7 +129,9 @@ class Config:
 
 
 CHOICES = {
-    "data.dataset": ("mnist",),
+    "data.dataset": ("mnist", "fashion_mnist", "kmnist"),
+    "data.view": ("rows", "columns", "pixels", "permuted_pixels"),
+    "model.name": ("rnn", "cnn"),
     "data.device_resident": ("auto", "true", "false"),
     "model.cell": ("lstm", "gru", "rnn"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -219,14 +224,36 @@ def load_config(argv: list[str]) -> Config:
         cfg = OmegaConf.merge(cfg, file_cfg)
     except OmegaConfBaseException as e:
         raise UserError(f"{_explain(e)} (in {path})") from None
+    cfg = _with_overrides(cfg, overrides)
+    if not cfg.run_dir:
+        cfg.run_dir = os.path.join("runs", cfg.name)
+    return cfg  # type: ignore[return-value]  # a DictConfig typed as Config
+
+
+def from_saved(saved: dict, overrides: list[str]) -> Config:
+    """A checkpoint's stored config (a plain dict) over the schema defaults, then ``key=value`` overrides.
+
+    Keys added to the schema after the checkpoint was written take their defaults (e.g. MNIST rows).
+    """
+    cfg = OmegaConf.structured(Config)
+    try:
+        cfg = OmegaConf.merge(cfg, saved)
+    except OmegaConfBaseException as e:
+        raise UserError(f"the checkpoint's stored config does not fit this version: {_explain(e)}") from None
+    for arg in overrides:
+        if "=" not in arg or arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: pass overrides as key=value (e.g. data.root=../shared/data)")
+    return _with_overrides(cfg, overrides)
+
+
+def _with_overrides(cfg: DictConfig, overrides: list[str]) -> Config:
+    """Merge ``key=value`` overrides, resolve interpolations and validate (one-line errors)."""
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise UserError(_explain(e)) from None
     validate(cfg)
-    if not cfg.run_dir:
-        cfg.run_dir = os.path.join("runs", cfg.name)
     return cfg  # type: ignore[return-value]  # a DictConfig typed as Config
 
 
@@ -250,6 +277,8 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(
                 f"bad value for config key 'train.stop_signals': {name!r} is not a signal name (e.g. SIGTERM)"
             )
+    if cfg.model.name == "cnn" and cfg.data.view not in ("rows", "columns"):
+        raise UserError(f"model.name=cnn needs a 2-D image: data.view must be rows or columns, not {cfg.data.view!r}")
     if len(cfg.optim.betas) != 2:
         raise UserError("bad value for config key 'optim.betas': give two numbers, e.g. [0.9,0.999]")
 

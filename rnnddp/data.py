@@ -1,4 +1,8 @@
-"""MNIST as sequences of rows, held in memory as tensors and batched by indexing.
+"""MNIST-style data sets as sequences, held in memory as uint8 tensors and batched by indexing.
+
+``data.dataset`` picks MNIST, Fashion-MNIST or KMNIST (the same 28x28 IDX layout); ``data.view``
+turns each batch into a sequence (rows, columns, pixels, or pixels in one fixed permuted order)
+on the batch's device, so the in-memory tensors stay uint8 images whatever the view.
 
 The training order comes from ``DistributedSampler`` (a function of seed and epoch only), and
 rank r takes every world_size-th index of it. So global batch s is always
@@ -32,6 +36,25 @@ MNIST_FILES = {  # uncompressed name -> md5 of the uncompressed file
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    folder: str  # root/<folder>/raw, and the torchvision class of the same name
+    md5: dict[str, str] | None  # of the uncompressed IDX files, where known
+    mean: float  # training-set pixel mean and std after scaling to [0, 1] (data.normalize)
+    std: float
+
+
+# All three use MNIST's four file names and IDX layout. torchvision only knows the md5s of the
+# other two's .gz files, so their extracted files are checked by IDX header and size instead.
+DATASETS = {
+    "mnist": DatasetInfo("MNIST", MNIST_FILES, MNIST_MEAN, MNIST_STD),
+    "fashion_mnist": DatasetInfo("FashionMNIST", None, 0.2860, 0.3530),
+    "kmnist": DatasetInfo("KMNIST", None, 0.1918, 0.3483),
+}
+VIEWS = ("rows", "columns", "pixels", "permuted_pixels")
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # uint8 [N, 28, 28]
@@ -61,80 +84,164 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _extract(gz_dir: Path, cache_root: Path) -> Path:
-    """Decompress the four .gz files into cache_root/MNIST/raw (atomically, checked by md5)."""
-    raw = cache_root / "MNIST" / "raw"
+def _idx_problem(path: Path) -> str | None:
+    """None when ``path`` is a well-formed IDX file of 28x28 uint8 images or of uint8 labels."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    if len(head) < 8:
+        return "too short for an IDX header"
+    magic, n = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")
+    if "images" in path.name:
+        if magic != IDX_MAGIC["images"] or len(head) < 16:
+            return f"not an IDX image file (magic {magic:#010x})"
+        rows, cols = int.from_bytes(head[8:12], "big"), int.from_bytes(head[12:16], "big")
+        if (rows, cols) != (28, 28) or size != 16 + n * 784:
+            return f"expected {n} images of 28x28 ({16 + n * 784} bytes), found {rows}x{cols} and {size} bytes"
+    elif magic != IDX_MAGIC["labels"] or size != 8 + n:
+        return f"not an IDX label file of {n} labels (magic {magic:#010x}, {size} bytes)"
+    return None
+
+
+def _extract(gz_dir: Path, cache_root: Path, dataset: str = "mnist") -> Path:
+    """Decompress the four .gz files into cache_root/<Folder>/raw (atomically, checked by md5 or IDX header)."""
+    info = DATASETS[dataset]
+    raw = cache_root / info.folder / "raw"
     if _has_raw(raw):
         return cache_root
     try:
         raw.mkdir(parents=True, exist_ok=True)
-        for name, md5 in MNIST_FILES.items():
+        for name in MNIST_FILES:
             target = raw / name
             if target.is_file():
                 continue
             # Unique temp name + rename: ranks or jobs extracting at once never see a partial file.
             fd, tmp = tempfile.mkstemp(dir=raw, prefix=name + ".")
-            with os.fdopen(fd, "wb") as out, gzip.open(gz_dir / (name + ".gz"), "rb") as src:
-                shutil.copyfileobj(src, out)
-            if _md5(Path(tmp)) != md5:
+            try:
+                with os.fdopen(fd, "wb") as out, gzip.open(gz_dir / (name + ".gz"), "rb") as src:
+                    shutil.copyfileobj(src, out)
+            except BaseException:
+                os.unlink(tmp)  # a damaged .gz or a full disk leaves no partial file in the cache
+                raise
+            digest = _md5(Path(tmp))
+            if info.md5 is not None:
+                problem = "md5 mismatch" if digest != info.md5[name] else None
+            elif digest == MNIST_FILES[name]:  # e.g. data.root pointing at MNIST's own .gz folder
+                problem = f"it is MNIST's file, not {info.folder}'s"
+            else:
+                problem = _idx_problem(Path(tmp))
+            if problem:
                 os.unlink(tmp)
-                raise UserError(f"{gz_dir / (name + '.gz')} is corrupt (md5 mismatch); replace it with a good copy")
+                raise UserError(f"{gz_dir / (name + '.gz')} is corrupt ({problem}); replace it with a good copy")
             os.replace(tmp, target)
+    except (EOFError, gzip.BadGzipFile) as e:  # before OSError: BadGzipFile is one
+        raise UserError(f"a .gz file in {gz_dir} is damaged ({e}); replace it with a good copy") from None
     except OSError as e:
         raise UserError(
-            f"cannot extract MNIST into {raw} ({e.strerror}); set data.cache_dir to a writable folder"
+            f"cannot extract {info.folder} into {raw} ({e.strerror}); set data.cache_dir to a writable folder"
         ) from None
     return cache_root
 
 
-def locate_mnist(root: str, cache_dir: str = "", download: bool = True) -> Path:
-    """Return a folder R such that R/MNIST/raw holds the four uncompressed IDX files.
+def _torchvision_class(dataset: str) -> type:
+    import torchvision.datasets
 
-    Looks in ``root/MNIST/raw``, then for .gz files there (or directly in root, or root/raw),
-    which are extracted into the cache; else downloads into root when allowed.
+    return getattr(torchvision.datasets, DATASETS[dataset].folder)
+
+
+def locate_dataset(dataset: str, root: str, cache_dir: str = "", download: bool = True) -> Path:
+    """Return a folder R such that R/<Folder>/raw holds the four uncompressed IDX files.
+
+    <Folder> is MNIST, FashionMNIST or KMNIST. Looks in ``root/<Folder>/raw``, then for .gz
+    files there (or directly in root, or root/raw), which are extracted into the cache; else
+    downloads into root when allowed.
     """
+    folder = DATASETS[dataset].folder
     root_p = Path(root).expanduser()
-    if _has_raw(root_p / "MNIST" / "raw"):
+    if _has_raw(root_p / folder / "raw"):
         return root_p
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    for gz_dir in (root_p / "MNIST" / "raw", root_p / "raw", root_p):
+    for gz_dir in (root_p / folder / "raw", root_p / "raw", root_p):
         if _has_raw(gz_dir, ".gz"):
-            return _extract(gz_dir, cache)
-    looked = f"{root_p / 'MNIST' / 'raw'} (IDX or .gz files)"
+            return _extract(gz_dir, cache, dataset)
+    looked = f"{root_p / folder / 'raw'} (IDX or .gz files)"
     if not download:
-        raise UserError(f"MNIST not found in {looked}; copy the four IDX files there or set data.download=true")
+        raise UserError(f"{folder} not found in {looked}; copy the four IDX files there or set data.download=true")
     try:
-        from torchvision.datasets import MNIST
-
-        MNIST(str(root_p), train=True, download=True)
-        MNIST(str(root_p), train=False, download=True)
+        cls = _torchvision_class(dataset)
+        cls(str(root_p), train=True, download=True)
+        cls(str(root_p), train=False, download=True)
     except Exception as e:  # no network, DNS failure, HTTP error, unwritable root
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"MNIST not found in {looked} and the download failed ({reason[:120]}); "
-            "set data.root to a folder holding MNIST/raw, or run once with network access"
+            f"{folder} not found in {looked} and the download failed ({reason[:120]}); "
+            f"set data.root to a folder holding {folder}/raw, or run once with network access"
         ) from None
     return root_p
 
 
-def load_mnist(root: Path) -> tuple[Split, Split]:
+def load_dataset(dataset: str, root: Path) -> tuple[Split, Split]:
     """Both splits as in-memory uint8 image and int64 label tensors (read through torchvision)."""
-    from torchvision.datasets import MNIST
-
-    train = MNIST(str(root), train=True)
-    test = MNIST(str(root), train=False)
+    cls = _torchvision_class(dataset)
+    try:
+        train = cls(str(root), train=True)
+        test = cls(str(root), train=False)
+    except Exception as e:  # torchvision asserts on a malformed IDX file
+        raise UserError(
+            f"cannot read {DATASETS[dataset].folder} from {root / DATASETS[dataset].folder / 'raw'} "
+            f"({type(e).__name__}: {str(e).strip()[:120]}); replace the IDX files with good copies"
+        ) from None
     return Split(train.data, train.targets), Split(test.data, test.targets)
 
 
-def to_sequences(images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """uint8 [B, 28, 28] -> float [B, 28 steps, 28 features] in [0, 1] (or standardised).
+def locate_mnist(root: str, cache_dir: str = "", download: bool = True) -> Path:
+    """MNIST's ``locate_dataset`` (kept for callers and tests that predate the other data sets)."""
+    return locate_dataset("mnist", root, cache_dir, download)
 
-    Same values as torchvision's ToTensor() (x / 255), done per batch on the batch's device.
+
+def load_mnist(root: Path) -> tuple[Split, Split]:
+    return load_dataset("mnist", root)
+
+
+def make_permutation(seed: int, length: int = 784) -> torch.Tensor:
+    """The permuted_pixels order: a CPU generator seeded by ``seed`` gives every rank the same one."""
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))
+
+
+def input_size(view: str) -> int:
+    """Features per time step under ``view``: a row or column of 28 pixels, or one pixel."""
+    return 28 if view in ("rows", "columns") else 1
+
+
+def to_sequences(
+    images: torch.Tensor,
+    normalize: bool = False,
+    view: str = "rows",
+    permutation: torch.Tensor | None = None,
+    dataset: str = "mnist",
+) -> torch.Tensor:
+    """uint8 [B, 28, 28] -> float [B, T, F] in [0, 1] (or standardised) under ``view``.
+
+    rows: [B, 28, 28] (the image itself); columns: [B, 28, 28] (transposed); pixels: [B, 784, 1]
+    in raster order; permuted_pixels: [B, 784, 1] in the order ``permutation``. Same values as
+    torchvision's ToTensor() (x / 255), done per batch on the batch's device.
     """
     x = images.float().div_(255.0)
     if normalize:
-        x = x.sub_(MNIST_MEAN).div_(MNIST_STD)
-    return x
+        info = DATASETS[dataset]
+        x = x.sub_(info.mean).div_(info.std)
+    if view == "rows":
+        return x
+    if view == "columns":
+        return x.transpose(1, 2).contiguous()  # contiguous: cuDNN's RNN wants dense input
+    flat = x.reshape(x.shape[0], -1)
+    if view == "permuted_pixels":
+        if permutation is None:
+            raise ValueError("view permuted_pixels needs a permutation")
+        flat = flat[:, permutation.to(flat.device)]
+    elif view != "pixels":
+        raise ValueError(f"unknown view {view!r}; one of {VIEWS}")
+    return flat.unsqueeze(-1)
 
 
 class TrainBatches:
@@ -150,6 +257,9 @@ class TrainBatches:
         seed: int,
         device: torch.device,
         normalize: bool = False,
+        view: str = "rows",
+        permutation: torch.Tensor | None = None,
+        dataset: str = "mnist",
     ) -> None:
         if global_batch_size % world_size:
             raise UserError(
@@ -168,6 +278,8 @@ class TrainBatches:
         )
         self.device = device
         self.normalize = normalize
+        self.view, self.dataset = view, dataset
+        self.permutation = permutation.to(device) if permutation is not None else None
         self._pin = device.type == "cuda" and split.images.device.type == "cpu"
 
     def indices(self, epoch: int) -> torch.Tensor:
@@ -187,14 +299,22 @@ class TrainBatches:
                 images, labels = images.pin_memory(), labels.pin_memory()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            yield to_sequences(images, self.normalize), labels
+            yield to_sequences(images, self.normalize, self.view, self.permutation, self.dataset), labels
 
 
 def eval_batches(
-    split: Split, batch_size: int, device: torch.device, normalize: bool = False
+    split: Split,
+    batch_size: int,
+    device: torch.device,
+    normalize: bool = False,
+    view: str = "rows",
+    permutation: torch.Tensor | None = None,
+    dataset: str = "mnist",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole test set in order, every sample exactly once (last batch may be short)."""
+    if permutation is not None:
+        permutation = permutation.to(device)
     for start in range(0, len(split), batch_size):
         images = split.images[start : start + batch_size].to(device, non_blocking=True)
         labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
-        yield to_sequences(images, normalize), labels
+        yield to_sequences(images, normalize, view, permutation, dataset), labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,13 @@ import torch
 from rnnddp import checkpoint, dist
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import Config, to_dict, to_yaml
-from rnnddp.data import Split, TrainBatches, load_mnist, locate_mnist
+from rnnddp.data import Split, TrainBatches, load_dataset, locate_dataset, make_permutation
+from rnnddp.data import input_size as view_input_size
 from rnnddp.dist import DistInfo
 from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.metrics import MetricsLogger, new_run_id
 from rnnddp.models import build_model, model_args
+from rnnddp.plots import write_plots
 from rnnddp.trainer import Trainer
 
 log = logging.getLogger("rnnddp")
@@ -53,13 +56,38 @@ def check_compatible(state: dict[str, Any], args: dict, path: Path) -> None:
         )
 
 
+def check_same_data(state: dict[str, Any], cfg: Config, permutation: torch.Tensor | None, path: Path) -> None:
+    """Refuse to resume a checkpoint under another data set, view or pixel order (same shapes, other task)."""
+    saved = (state.get("config") or {}).get("data", {})
+    for key in ("dataset", "view"):
+        # Checkpoints from before these keys existed were MNIST rows.
+        before = saved.get(key, {"dataset": "mnist", "view": "rows"}[key])
+        if before != cfg.data[key]:
+            raise UserError(
+                f"checkpoint {path} was trained with data.{key}={before}, the config says {cfg.data[key]}; "
+                f"set data.{key}={before} or start a new run with another name="
+            )
+    saved_perm = state.get("permutation")
+    if permutation is not None and (saved_perm is None or not torch.equal(saved_perm, permutation)):
+        raise UserError(
+            f"checkpoint {path} used another pixel permutation; set data.permutation_seed="
+            f"{saved.get('permutation_seed')} or start a new run with another name="
+        )
+
+
+def view_permutation(cfg: Config) -> torch.Tensor | None:
+    """The fixed pixel order for data.view=permuted_pixels (None for the other views)."""
+    return make_permutation(cfg.data.permutation_seed) if cfg.data.view == "permuted_pixels" else None
+
+
 def build_trainer(
     cfg: Config,
     info: DistInfo,
     train_split: Split,
     test_split: Split,
     manager: CheckpointManager,
-    input_size: int = 28,
+    input_size: int | None = None,
+    permutation: torch.Tensor | None = None,
 ) -> Trainer:
     """Data placement, batches, the model and the Trainer, as the job sets them up (benchmarks reuse it)."""
     device_resident = cfg.data.device_resident == "true" or (
@@ -77,10 +105,15 @@ def build_trainer(
         seed=cfg.seed,
         device=info.device,
         normalize=cfg.data.normalize,
+        view=cfg.data.view,
+        permutation=permutation if permutation is not None else view_permutation(cfg),
+        dataset=cfg.data.dataset,
     )
+    if input_size is None:
+        input_size = view_input_size(cfg.data.view)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(model_args(cfg.model, input_size=input_size)).to(info.device)
-    if info.device.type == "cuda":
+    if info.device.type == "cuda" and hasattr(model, "rnn"):
         torch.backends.cudnn.enabled = True
         model.rnn.flatten_parameters()  # contiguous weights: the fused cuDNN kernel, no per-call copy
     torch.manual_seed(cfg.seed + info.rank)  # per-rank streams from here on (dropout)
@@ -90,28 +123,30 @@ def build_trainer(
 def run(cfg: Config, info: DistInfo) -> int:
     run_dir = Path(cfg.run_dir)
     manager = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, writer=info.is_main)
-    args = model_args(cfg.model)
+    args = model_args(cfg.model, input_size=view_input_size(cfg.data.view))
+    permutation = view_permutation(cfg)
 
     resume_path = find_resume_point(cfg, manager)
     state = checkpoint.load(resume_path) if resume_path else None
     if state is not None:
         check_compatible(state, args, resume_path)
+        check_same_data(state, cfg, permutation, resume_path)
 
     # Data first (local rank 0 extracts or downloads; the others then read the same files).
     error: UserError | None = None
     root = None
     if info.local_rank == 0:
         try:
-            root = locate_mnist(cfg.data.root, cfg.data.cache_dir, cfg.data.download)
+            root = locate_dataset(cfg.data.dataset, cfg.data.root, cfg.data.cache_dir, cfg.data.download)
         except UserError as e:
             error = e
     if not dist.all_ok(error is None, info):
         raise error or UserError("data preparation failed on another rank; see its message")
     if root is None:
-        root = locate_mnist(cfg.data.root, cfg.data.cache_dir, download=False)
-    train_split, test_split = load_mnist(root)
+        root = locate_dataset(cfg.data.dataset, cfg.data.root, cfg.data.cache_dir, download=False)
+    train_split, test_split = load_dataset(cfg.data.dataset, root)
 
-    trainer = build_trainer(cfg, info, train_split, test_split, manager)
+    trainer = build_trainer(cfg, info, train_split, test_split, manager, permutation=permutation)
     if state is not None:
         trainer.load_state_dict(state)
         if trainer.finished:
@@ -128,6 +163,8 @@ def run(cfg: Config, info: DistInfo) -> int:
         )
     run_id = state.get("wandb_run_id") if state else new_run_id()
     trainer.extra_state = {"model_args": args, "config": to_dict(cfg), "wandb_run_id": run_id}
+    if permutation is not None:
+        trainer.extra_state["permutation"] = permutation  # evaluate and predict reuse this exact order
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -136,9 +173,25 @@ def run(cfg: Config, info: DistInfo) -> int:
         run_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_name=cfg.name, config=to_dict(cfg), run_id=run_id
     )
     if state is not None:
-        trainer.logger.event("resume", trainer.global_step, checkpoint=str(resume_path), world_size=info.world_size)
+        slurm = {k.lower(): os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT") if k in os.environ}
+        trainer.logger.event(
+            "resume", trainer.global_step, checkpoint=str(resume_path), world_size=info.world_size, **slurm
+        )
     try:
         status = trainer.fit()
+        if status == "finished" and info.is_main and trainer.last_eval_detail:
+            detail = trainer.last_eval_detail
+            written = write_plots(
+                run_dir / "plots",
+                metrics_path=run_dir / "metrics.jsonl",
+                confusion=detail["confusion"],
+                images=test_split.images,
+                labels=test_split.labels,
+                predictions=detail["predictions"],
+            )
+            if written:
+                log.info("plots: %s", ", ".join(str(p) for p in written.values()))
+            trainer.logger.images(written, trainer.global_step)
     finally:
         trainer.logger.close()
     if status == "stopped":

@@ -107,6 +107,14 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def images(self, paths: dict[str, Path], step: int) -> None:
+        """Log picture files (learning curves, confusion matrix) as W&B images, when a W&B run is active."""
+        if self.wandb_run is None or not paths:
+            return
+        import wandb
+
+        self.wandb_run.log({f"plots/{k}": wandb.Image(str(p)) for k, p in paths.items()}, step=step)
+
     def event(self, name: str, step: int, **fields: Any) -> None:
         """A non-metric record in metrics.jsonl (resume, stop), so step counts can be audited."""
         if self._jsonl is not None:

@@ -1,4 +1,4 @@
-"""Recurrent sequence classifiers: pure torch, no knowledge of DDP, devices or logging."""
+"""Sequence classifiers (recurrent) and the seed's small CNN: pure torch, no knowledge of DDP, devices or logging."""
 
 from __future__ import annotations
 
@@ -56,8 +56,37 @@ class SequenceClassifier(nn.Module):
         return self.head(last)
 
 
+class ConvClassifier(nn.Module):
+    """The seed's CNN: [B, 28, 28] -> 2 x (Conv 5x5 'same' + ReLU + MaxPool 2) -> Linear -> logits."""
+
+    def __init__(self, channels: tuple[int, int] | list[int] = (16, 32), image_size: int = 28, num_classes: int = 10):
+        super().__init__()
+        c1, c2 = channels
+        self.args = dict(name="cnn", channels=[c1, c2], image_size=image_size, num_classes=num_classes)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        side = image_size // 4  # two 2x2 poolings
+        self.head = nn.Linear(c2 * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The data path yields [B, H, W] (rows or columns view); the convolutions want one channel.
+        return self.head(self.features(x.unsqueeze(1)).flatten(1))
+
+
 def model_args(cfg: Any, input_size: int = 28, num_classes: int = 10) -> dict:
-    """The constructor arguments for ``cfg.model``; stored in checkpoints to rebuild the net."""
+    """The constructor arguments for ``cfg.model``; stored in checkpoints to rebuild the net.
+
+    The recurrent classifier's dict has no ``name`` key (as before the CNN existed), so
+    checkpoints written earlier still match and resume.
+    """
+    if str(getattr(cfg, "name", "rnn")) == "cnn":
+        return dict(name="cnn", channels=[16, 32], image_size=28, num_classes=num_classes)
     return dict(
         cell=str(cfg.cell),
         input_size=input_size,
@@ -69,5 +98,9 @@ def model_args(cfg: Any, input_size: int = 28, num_classes: int = 10) -> dict:
     )
 
 
-def build_model(args: dict) -> SequenceClassifier:
+def build_model(args: dict) -> nn.Module:
+    """Rebuild the network from its stored constructor arguments (``model_args``)."""
+    args = dict(args)
+    if args.pop("name", "rnn") == "cnn":
+        return ConvClassifier(**args)
     return SequenceClassifier(**args)

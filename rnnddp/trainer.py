@@ -158,6 +158,7 @@ class Trainer:
         self.global_step = 0
         self.best_accuracy = -1.0
         self.last_eval: dict[str, float] = {}
+        self.last_eval_detail: dict[str, Any] = {}  # rank 0: confusion matrix and predictions (for plots)
         self._window = _Window(info.device)
 
     # -- state ------------------------------------------------------------------------------
@@ -255,6 +256,7 @@ class Trainer:
                         vote.close()
                         self._log_window(bar)
                         self._save()
+                        dist.barrier(info)  # nobody exits while rank 0 still writes (other nodes' torchrun)
                         log.warning(
                             "stopped on %s at step %d: checkpoint saved",
                             self.stop.name or "a peer's signal",
@@ -352,7 +354,13 @@ class Trainer:
                 device=self.info.device,
                 normalize=self.cfg.data.normalize,
                 autocast=self.autocast,
+                view=self.train.view,
+                permutation=self.train.permutation,
+                dataset=self.train.dataset,
+                num_classes=getattr(self.module, "args", {}).get("num_classes", 10),
+                predictions=True,
             )
+            self.last_eval_detail = {"confusion": m["confusion"], "predictions": m["predictions"]}
             result = torch.tensor([m["loss"], m["accuracy"]], device=self.info.device, dtype=torch.float64)
         loss, acc = dist.broadcast(result).tolist()
         new_best = acc > self.best_accuracy

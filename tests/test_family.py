@@ -1,0 +1,298 @@
+"""The model family (RNN cells, CNN), the sequence views and the MNIST-like data sets, at unit level."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnddp.checkpoint import CheckpointManager
+from rnnddp.config import from_saved, load_config, to_dict
+from rnnddp.data import (
+    MNIST_FILES,
+    Split,
+    TrainBatches,
+    eval_batches,
+    input_size,
+    load_dataset,
+    locate_dataset,
+    make_permutation,
+    to_sequences,
+)
+from rnnddp.errors import UserError
+from rnnddp.evaluate import evaluate, restore
+from rnnddp.models import ConvClassifier, SequenceClassifier, build_model, model_args
+from tests.conftest import REPO, job_env, read_metrics, run_job
+
+VIEWS = ["rows", "columns", "pixels", "permuted_pixels"]
+MODELS = {  # config overrides -> the tiny model under test
+    "lstm": ["model.cell=lstm", "model.hidden_size=8"],
+    "gru2": ["model.cell=gru", "model.hidden_size=8", "model.num_layers=2", "model.dropout=0.1"],
+    "birnn": ["model.cell=rnn", "model.hidden_size=8", "model.bidirectional=true"],
+    "cnn": ["model.name=cnn"],
+}
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _split(n: int) -> Split:
+    return Split(_images(n), torch.arange(n) % 10)
+
+
+# -- views ----------------------------------------------------------------------------------------
+
+
+def test_views_shapes_and_values():
+    img = _images(3)
+    x = img.float() / 255
+    assert torch.equal(to_sequences(img, view="rows"), x)
+    assert torch.equal(to_sequences(img, view="columns"), x.transpose(1, 2))
+    pixels = to_sequences(img, view="pixels")
+    assert pixels.shape == (3, 784, 1) and torch.equal(pixels[:, :, 0], x.reshape(3, 784))
+    perm = make_permutation(7)
+    permuted = to_sequences(img, view="permuted_pixels", permutation=perm)
+    assert permuted.shape == (3, 784, 1)
+    assert torch.equal(permuted[:, :, 0], x.reshape(3, 784)[:, perm])
+    assert sorted(perm.tolist()) == list(range(784))
+    assert input_size("rows") == input_size("columns") == 28 and input_size("pixels") == 1
+
+
+def test_permutation_is_a_function_of_the_seed_alone():
+    # Every rank draws it itself: it must not depend on the global RNG state.
+    torch.manual_seed(1)
+    a = make_permutation(3)
+    torch.manual_seed(2)
+    torch.rand(10)
+    assert torch.equal(a, make_permutation(3))
+    assert not torch.equal(a, make_permutation(4))
+
+
+def test_train_and_eval_batches_apply_the_view():
+    split = _split(64)
+    perm = make_permutation(0)
+    tb = TrainBatches(
+        split,
+        global_batch_size=16,
+        rank=0,
+        world_size=1,
+        seed=0,
+        device=torch.device("cpu"),
+        view="permuted_pixels",
+        permutation=perm,
+    )
+    x, y = next(tb.epoch(0))
+    i = tb.indices(0)[0]
+    assert x.shape == (16, 784, 1)
+    assert torch.equal(x[:, :, 0], split.images[i].float().reshape(16, 784)[:, perm] / 255)
+    xs = [x for x, _ in eval_batches(split, 50, torch.device("cpu"), view="columns")]
+    assert [t.shape for t in xs] == [(50, 28, 28), (14, 28, 28)]
+    assert torch.equal(xs[0][0], split.images[0].float().t() / 255)
+
+
+def test_cnn_needs_a_two_d_view():
+    for view in ("pixels", "permuted_pixels"):
+        with pytest.raises(UserError, match="model.name=cnn needs a 2-D image: data.view must be rows or columns"):
+            load_config(["model.name=cnn", f"data.view={view}"])
+    assert load_config(["model.name=cnn", "data.view=columns"]).data.view == "columns"
+    with pytest.raises(UserError, match="choose one of rows, columns, pixels, permuted_pixels"):
+        load_config(["data.view=diagonal"])
+
+
+# -- every model under every view: shapes, gradients, save and reload through evaluate -------------
+
+
+def _combos() -> list[tuple[str, str]]:
+    return [(m, v) for m in MODELS for v in VIEWS if not (m == "cnn" and v not in ("rows", "columns"))]
+
+
+@pytest.mark.parametrize("model_key,view", _combos())
+def test_model_view_forward_backward_save_and_reload(model_key: str, view: str, tmp_path: Path):
+    cfg = load_config([*MODELS[model_key], f"data.view={view}", "data.permutation_seed=5", "eval.batch_size=16"])
+    args = model_args(cfg.model, input_size=input_size(view))
+    torch.manual_seed(0)
+    model = build_model(args)
+    assert isinstance(model, ConvClassifier if model_key == "cnn" else SequenceClassifier)
+    perm = make_permutation(5) if view == "permuted_pixels" else None
+    split = _split(40)
+    x = to_sequences(split.images[:6], view=view, permutation=perm)
+    assert x.shape == ((6, 28, 28) if view in ("rows", "columns") else (6, 784, 1))
+    logits = model(x)
+    assert logits.shape == (6, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+    # Save as the job does (plain types and tensors only), reload through evaluate.restore.
+    state = {"model": model.state_dict(), "model_args": args, "config": to_dict(cfg), "global_step": 1}
+    if perm is not None:
+        state["permutation"] = perm
+    path = CheckpointManager(tmp_path).save(state, 1)
+    torch.load(path, weights_only=True)  # loadable without unpickling code
+    restored = restore(tmp_path, [])  # a run directory: its latest checkpoint
+    assert restored.path == path and restored.cfg.data.view == view
+    kwargs = dict(batch_size=16, device=torch.device("cpu"), view=view, permutation=perm)
+    before = evaluate(model, split, **kwargs, num_classes=10)
+    kwargs["permutation"] = restored.permutation  # the one the checkpoint stored
+    after = evaluate(restored.module, split, **kwargs, num_classes=10)
+    assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
+    assert after["accuracy"] == before["accuracy"]
+    assert torch.equal(after["confusion"], before["confusion"]) and after["confusion"].sum() == 40
+
+
+def test_old_checkpoints_without_new_keys_rebuild_as_rnn_rows():
+    # A checkpoint from before model.name / data.view existed: model_args without "name",
+    # a config without the new keys. It still matches the default config and rebuilds.
+    old_args = dict(
+        cell="lstm", input_size=28, hidden_size=128, num_layers=1, dropout=0.0, bidirectional=False, num_classes=10
+    )
+    assert model_args(load_config([]).model) == old_args
+    assert isinstance(build_model(old_args), SequenceClassifier)
+    saved = to_dict(load_config([]))
+    del saved["data"]["view"], saved["data"]["permutation_seed"], saved["model"]["name"]
+    cfg = from_saved(saved, ["data.root=/elsewhere"])
+    assert cfg.data.view == "rows" and cfg.model.name == "rnn" and cfg.data.root == "/elsewhere"
+
+
+# -- Fashion-MNIST and KMNIST on tiny IDX files ----------------------------------------------------
+
+
+def _idx_images(images: torch.Tensor) -> bytes:
+    return struct.pack(">iiii", 0x00000803, len(images), 28, 28) + images.numpy().tobytes()
+
+
+def _idx_labels(labels: torch.Tensor) -> bytes:
+    return struct.pack(">ii", 0x00000801, len(labels)) + labels.to(torch.uint8).numpy().tobytes()
+
+
+def write_idx(folder: Path, n_train: int = 200, n_test: int = 50, gz: bool = False) -> tuple[Split, Split]:
+    """Four IDX files of random images with learnable labels (label = brightness decile), as MNIST names them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = []
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        images = _images(n, seed)
+        labels = (images.float().mean(dim=(1, 2)) / 256 * 10).long().clamp(0, 9)
+        for kind, data in (("images-idx3", _idx_images(images)), ("labels-idx1", _idx_labels(labels))):
+            name = f"{prefix}-{kind}-ubyte"
+            if gz:
+                with gzip.open(folder / (name + ".gz"), "wb") as f:
+                    f.write(data)
+            else:
+                (folder / name).write_bytes(data)
+        splits.append(Split(images, labels))
+    return splits[0], splits[1]
+
+
+@pytest.mark.parametrize("dataset,folder", [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
+def test_other_data_sets_from_idx_files(dataset: str, folder: str, tmp_path: Path):
+    train, test = write_idx(tmp_path / "root" / folder / "raw")
+    root = locate_dataset(dataset, str(tmp_path / "root"), cache_dir=str(tmp_path / "cache"), download=False)
+    assert root == tmp_path / "root"
+    got_train, got_test = load_dataset(dataset, root)
+    assert torch.equal(got_train.images, train.images) and torch.equal(got_train.labels, train.labels)
+    assert torch.equal(got_test.images, test.images) and len(got_test) == 50
+
+
+@pytest.mark.parametrize("dataset,folder", [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
+def test_other_data_sets_gz_only_read_only_folder_is_extracted(dataset: str, folder: str, tmp_path: Path):
+    src = tmp_path / "ro" / folder / "raw"
+    train, _ = write_idx(src, gz=True)
+    os.chmod(src, 0o555)
+    try:
+        root = locate_dataset(dataset, str(tmp_path / "ro"), cache_dir=str(tmp_path / "cache"), download=False)
+        assert root == tmp_path / "cache"
+        assert sorted(os.listdir(tmp_path / "cache" / folder / "raw")) == sorted(MNIST_FILES)
+        assert torch.equal(load_dataset(dataset, root)[0].images, train.images)
+        assert sorted(os.listdir(src)) == sorted(n + ".gz" for n in MNIST_FILES)  # source untouched
+    finally:
+        os.chmod(src, 0o755)
+
+
+def test_bad_idx_in_gz_is_named_and_not_extracted(tmp_path: Path):
+    src = tmp_path / "KMNIST" / "raw"
+    write_idx(src, gz=True)
+    with gzip.open(src / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">iiii", 0x00000803, 10, 32, 32) + bytes(10 * 32 * 32))  # not 28x28
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte.gz is corrupt \(expected 10 images of 28x28"):
+        locate_dataset("kmnist", str(tmp_path), cache_dir=str(tmp_path / "cache"), download=False)
+    assert not (tmp_path / "cache" / "KMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+def test_missing_other_data_set_offline_is_one_line(tmp_path: Path):
+    with pytest.raises(UserError) as e:
+        locate_dataset("fashion_mnist", str(tmp_path), cache_dir=str(tmp_path / "cache"), download=False)
+    assert str(e.value).startswith(f"FashionMNIST not found in {tmp_path / 'FashionMNIST' / 'raw'}")
+    assert "\n" not in str(e.value)
+
+
+def test_kmnist_job_trains_and_evaluates_on_tiny_files(tmp_path: Path):
+    # The whole job path (locate, load, view, train, checkpoint, evaluate CLI) on a non-MNIST set.
+    write_idx(tmp_path / "data" / "KMNIST" / "raw", n_train=256, n_test=60)
+    run = tmp_path / "run"
+    args = ["data.dataset=kmnist", f"data.root={tmp_path / 'data'}", "data.view=columns", "model.hidden_size=8"]
+    run_job([*args, "train.global_batch_size=64", "train.epochs=1", "wandb.mode=offline", f"run_dir={run}"])
+    pictures = ["learning_curves.png", "confusion_matrix.png", "test_digits.png"]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(pictures)
+    logged_images = sorted(p.name.split("_4_")[0] for p in (run / "wandb").rglob("media/images/plots/*.png"))
+    assert logged_images == sorted(p.removesuffix(".png") for p in pictures)  # also W&B images, at step 4
+    logged = [m for m in read_metrics(run) if "eval/accuracy" in m][-1]["eval/accuracy"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnddp.evaluate", str(run)], env=job_env(), cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "view columns, data set kmnist" in proc.stdout
+    assert f"accuracy {logged:.4f}  (60 images)" in proc.stdout
+    assert (run / "plots" / "step_0000004_confusion_matrix.png").is_file()  # evaluate's own pictures
+
+
+def test_plots_from_metrics_confusion_and_predictions(tmp_path: Path):
+    from rnnddp.plots import effective_records, write_plots
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [
+        {"step": 10, "train/loss": 2.0},
+        {"step": 20, "train/loss": 1.0},
+        {"step": 20, "eval/loss": 0.9, "eval/accuracy": 0.7},
+        {"step": 30, "train/loss": 0.8},  # lost in a crash: the resume at 20 voids it
+        {"step": 20, "event": "resume", "checkpoint": "x"},
+        {"step": 30, "train/loss": 0.7},
+    ]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [r.get("train/loss") for r in effective_records(metrics)] == [2.0, 1.0, None, 0.7]
+    split = _split(100)
+    preds = split.labels.clone()
+    preds[:7] = (preds[:7] + 1) % 10
+    confusion = torch.bincount(split.labels * 10 + preds, minlength=100).view(10, 10)
+    written = write_plots(
+        tmp_path / "plots", metrics_path=metrics, confusion=confusion,
+        images=split.images, labels=split.labels, predictions=preds, prefix="x_",
+    )  # fmt: skip
+    assert sorted(written) == ["confusion_matrix", "learning_curves", "test_digits"]
+    assert all(p.stat().st_size > 1000 and p.name.startswith("x_") for p in written.values())
+    # Unwritable target: a warning and nothing written, never an exception.
+    (tmp_path / "file").write_text("")
+    assert write_plots(tmp_path / "file" / "plots", confusion=confusion) == {}
+
+
+def test_damaged_gz_is_one_line_and_leaves_no_partial_file(tmp_path: Path):
+    src = tmp_path / "FashionMNIST" / "raw"
+    write_idx(src, gz=True)
+    data = (src / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (src / "t10k-images-idx3-ubyte.gz").write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(UserError, match=r"is damaged .*replace it with a good copy") as e:
+        locate_dataset("fashion_mnist", str(tmp_path), cache_dir=str(tmp_path / "cache"), download=False)
+    assert "\n" not in str(e.value)
+    assert not [p for p in (tmp_path / "cache" / "FashionMNIST" / "raw").iterdir() if p.name.startswith("t10k-images")]
+
+
+def test_mnist_files_under_another_data_set_are_refused(tmp_path: Path, mnist_root):
+    # data.root pointing at MNIST's .gz folder with data.dataset=kmnist would train on MNIST.
+    with pytest.raises(UserError, match="it is MNIST's file, not KMNIST's"):
+        locate_dataset("kmnist", str(mnist_root / "MNIST" / "raw"), cache_dir=str(tmp_path / "c"), download=False)
