@@ -194,6 +194,9 @@ def run(cfg: Config, info: DistInfo) -> int:
             trainer.logger.images(written, trainer.global_step)
     finally:
         trainer.logger.close()
+    # Leave together: a rank that tears its process group down while rank 0 still draws plots
+    # or flushes W&B has been seen to abort in gloo at exit.
+    dist.barrier(info)
     if status == "stopped":
         took = time.monotonic() - trainer.stop.time if trainer.stop.time is not None else 0.0
         log.warning(
