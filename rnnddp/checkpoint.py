@@ -58,13 +58,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path) -> str | None:
-    """None when ``path`` is a committed, intact checkpoint; else the reason it is not."""
+def verify(path: Path, require_marker: bool = True) -> str | None:
+    """None when ``path`` is a committed, intact checkpoint; else the reason it is not.
+
+    ``require_marker=False`` accepts a file without its ``.sha256`` (one a user names explicitly,
+    e.g. copied without it); a marker that is present must still match.
+    """
     marker = Path(str(path) + ".sha256")
     if not path.is_file():
         return "file missing"
     if not marker.is_file():
-        return "no .sha256 commit marker (the save did not finish)"
+        return "no .sha256 commit marker (the save did not finish)" if require_marker else None
     if marker.read_text().strip() != sha256_file(path):
         return "checksum mismatch (truncated or corrupted)"
     return None

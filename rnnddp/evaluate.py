@@ -110,8 +110,8 @@ def restore(target: str | Path, overrides: list[str]) -> Restored:
         path = found
     elif not path.is_file():
         raise UserError(f"{path}: no such checkpoint file or run directory")
-    reason = checkpoint.verify(path)
-    if reason is not None and reason != "no .sha256 commit marker (the save did not finish)":
+    reason = checkpoint.verify(path, require_marker=False)
+    if reason is not None:
         raise UserError(f"checkpoint {path}: {reason}; pick another checkpoint")
     state = checkpoint.load(path)
     if not isinstance(state, dict) or "model_args" not in state or "model" not in state:

@@ -39,8 +39,8 @@ def find_resume_point(cfg: Config, manager: CheckpointManager) -> Path | None:
     path = Path(cfg.resume)
     if not path.is_file():
         raise UserError(f"resume={cfg.resume}: no such checkpoint file; pass an existing .pt, or resume=auto")
-    reason = checkpoint.verify(path)
-    if reason is not None and reason != "no .sha256 commit marker (the save did not finish)":
+    reason = checkpoint.verify(path, require_marker=False)
+    if reason is not None:
         raise UserError(f"resume={cfg.resume}: {reason}; pick another checkpoint")
     return path
 
