@@ -32,6 +32,11 @@ class DataConfig:
     device_resident: str = "auto"  # auto | true | false: keep the training set on the GPU
     view: str = "rows"  # rows | columns | pixels | permuted_pixels: how an image becomes a sequence
     permutation_seed: int = 0  # permuted_pixels: the fixed pixel order (same on every rank)
+    # task=sine_regression: sequences of sin(t) -> cos(t) with random phases, 10 steps per pi.
+    sine_sequences: int = 2048  # training sequences (sharded over ranks by the sampler)
+    sine_test_sequences: int = 256  # held-out sequences (a fixed set, whatever the seed)
+    sine_length: int = 200  # steps per sequence: a multiple of chunk_len
+    chunk_len: int = 10  # steps per optimiser step; the hidden state carries over (truncated BPTT)
 
 
 @dataclass
@@ -116,6 +121,7 @@ class Config:
     name: str = "default"
     run_dir: str | None = None  # defaults to runs/<name>
     resume: str = "auto"  # auto | none | PATH to a checkpoint
+    task: str = "classify"  # classify (a label per image) | sine_regression (cos(t) from sin(t), per step)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -129,6 +135,7 @@ class Config:
 
 
 CHOICES = {
+    "task": ("classify", "sine_regression"),
     "data.dataset": ("mnist", "fashion_mnist", "kmnist"),
     "data.view": ("rows", "columns", "pixels", "permuted_pixels"),
     "model.name": ("rnn", "cnn"),
@@ -150,6 +157,10 @@ POSITIVE = (
     "checkpoint.keep",
     "dist.timeout_s",
     "optim.lr",
+    "data.sine_sequences",
+    "data.sine_test_sequences",
+    "data.sine_length",
+    "data.chunk_len",
 )
 NON_NEGATIVE = (
     "train.max_steps",
@@ -279,6 +290,16 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.model.name == "cnn" and cfg.data.view not in ("rows", "columns"):
         raise UserError(f"model.name=cnn needs a 2-D image: data.view must be rows or columns, not {cfg.data.view!r}")
+    if cfg.task == "sine_regression":
+        if cfg.data.sine_length % cfg.data.chunk_len:
+            raise UserError(
+                f"data.sine_length={cfg.data.sine_length} is not a multiple of data.chunk_len={cfg.data.chunk_len}; "
+                "make it one"
+            )
+        if cfg.model.name != "rnn" or cfg.model.bidirectional:
+            raise UserError(
+                "task=sine_regression needs a causal recurrent model: model.name=rnn, model.bidirectional=false"
+            )
     if len(cfg.optim.betas) != 2:
         raise UserError("bad value for config key 'optim.betas': give two numbers, e.g. [0.9,0.999]")
 

@@ -244,6 +244,24 @@ def to_sequences(
     return flat.unsqueeze(-1)
 
 
+def check_batch(global_batch_size: int, world_size: int, available: int, what: str) -> None:
+    """One-line errors for a global batch the ranks cannot split evenly, or larger than the data."""
+    if global_batch_size % world_size:
+        raise UserError(
+            f"train.global_batch_size={global_batch_size} is not divisible by the world size "
+            f"{world_size}; pick a multiple of {world_size}"
+        )
+    if global_batch_size > available:
+        raise UserError(f"train.global_batch_size={global_batch_size} is larger than {what} ({available})")
+
+
+def rank_batches(sampler: DistributedSampler, epoch: int, batches: int, local_batch: int) -> torch.Tensor:
+    """This rank's indices for ``epoch`` in the sampler's order, shape [batches, local_batch]."""
+    sampler.set_epoch(epoch)
+    idx = torch.tensor(list(sampler), dtype=torch.long)
+    return idx[: batches * local_batch].view(batches, local_batch)
+
+
 class TrainBatches:
     """Per-rank training batches in the DistributedSampler's order, by tensor indexing."""
 
@@ -261,15 +279,7 @@ class TrainBatches:
         permutation: torch.Tensor | None = None,
         dataset: str = "mnist",
     ) -> None:
-        if global_batch_size % world_size:
-            raise UserError(
-                f"train.global_batch_size={global_batch_size} is not divisible by the world size "
-                f"{world_size}; pick a multiple of {world_size}"
-            )
-        if global_batch_size > len(split):
-            raise UserError(
-                f"train.global_batch_size={global_batch_size} is larger than the training set ({len(split)})"
-            )
+        check_batch(global_batch_size, world_size, len(split), "the training set")
         self.split = split
         self.local_batch = global_batch_size // world_size
         self.steps_per_epoch = len(split) // global_batch_size
@@ -284,10 +294,7 @@ class TrainBatches:
 
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices for the epoch, shape [steps_per_epoch, local_batch]."""
-        self.sampler.set_epoch(epoch)
-        idx = torch.tensor(list(self.sampler), dtype=torch.long)
-        n = self.steps_per_epoch * self.local_batch
-        return idx[:n].view(self.steps_per_epoch, self.local_batch)
+        return rank_batches(self.sampler, epoch, self.steps_per_epoch, self.local_batch)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of the epoch from ``start_step`` on (resume skips what was consumed)."""

@@ -2,7 +2,7 @@
 
 Also the command line: ``python -m rnnddp.evaluate CHECKPOINT [key=value ...]`` rebuilds the
 network a checkpoint records (its ``model_args``, config and pixel permutation) and prints the
-test loss, accuracy and per-class accuracy. CHECKPOINT may be a ``.pt`` file or a run directory
+test loss, accuracy and per-class accuracy (for a sine_regression checkpoint: the held-out MSE). CHECKPOINT may be a ``.pt`` file or a run directory
 (its newest intact checkpoint is used); overrides such as ``data.root=...`` apply on top of the
 checkpoint's stored config. It also draws the confusion matrix, a grid of test digits and the
 run's learning curves into ``run_dir/plots/<checkpoint>_*.png`` (``--no-plots`` skips them).
@@ -87,6 +87,10 @@ class Restored:
     state: dict[str, Any]
 
     @property
+    def regression(self) -> bool:
+        return self.state["model_args"].get("name") == "regressor"
+
+    @property
     def num_classes(self) -> int:
         return int(self.state["model_args"].get("num_classes", 10))
 
@@ -94,6 +98,8 @@ class Restored:
         args, data = self.state["model_args"], self.cfg.data
         if args.get("name", "rnn") == "cnn":
             net = "cnn"
+        elif self.regression:
+            return f"{args['cell']}-{args['hidden_size']}x{args['num_layers']}, task sine_regression"
         else:
             net = f"{'bi' if args['bidirectional'] else ''}{args['cell']}-{args['hidden_size']}x{args['num_layers']}"
         return f"{net}, view {data.view}, data set {data.dataset}"
@@ -149,6 +155,8 @@ def run_evaluation(target: str | Path, overrides: list[str]) -> dict[str, Any]:
     r = restore(target, overrides)
     data = r.cfg.data
     device = _device()
+    if r.regression:
+        return _evaluate_sine_checkpoint(r, device)
     _, test = load_dataset(data.dataset, locate_dataset(data.dataset, data.root, data.cache_dir, data.download))
     r.module.to(device)
     # The precision the run evaluated in (bf16 autocast shifts a few predictions), so the
@@ -179,6 +187,24 @@ def run_evaluation(target: str | Path, overrides: list[str]) -> dict[str, Any]:
     return result
 
 
+def _evaluate_sine_checkpoint(r: Restored, device: torch.device) -> dict[str, Any]:
+    from rnnddp.sine import evaluate_sine, make_splits
+    from rnnddp.trainer import autocast_context, resolve_precision
+
+    _, test = make_splits(r.cfg.data, r.cfg.seed)
+    precision = resolve_precision(r.cfg.train.precision, device)
+    r.module.to(device)
+    result = evaluate_sine(
+        r.module,
+        test,
+        batch_size=r.cfg.eval.batch_size,
+        device=device,
+        autocast=autocast_context(precision, device),
+        predictions=True,
+    )
+    return {**result, "test": test, "precision": precision, "restored": r}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m rnnddp.evaluate CHECKPOINT [key=value ...]``; exit 2 with one line on bad input."""
 
@@ -195,26 +221,31 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     r: Restored = result["restored"]
     print(f"checkpoint {r.path} (step {r.state.get('global_step', '?')}; {r.describe()}; {result['precision']})")
+    # Beside the run's own plots: run_dir/plots/<checkpoint>_*.png (or next to a lone .pt file).
+    run_dir = r.path.parent.parent if r.path.parent.name == "checkpoints" else r.path.parent
+    test: Split = result["test"]
+    plot_args: dict[str, Any] = dict(metrics_path=run_dir / "metrics.jsonl", prefix=f"{r.path.stem}_")
+    if r.regression:
+        print(
+            f"test mse {result['mse']:.6f}  ({int(result['samples'])} held-out sequences of {test.labels.shape[1]} steps)"
+        )
+        plot_args.update(sine_inputs=test.images, sine_targets=test.labels, predictions=result["predictions"])
+    else:
+        _print_classification(result)
+        plot_args.update(
+            confusion=result["confusion"], images=test.images, labels=test.labels, predictions=result["predictions"]
+        )
+    if plots:
+        for path in write_plots(run_dir / "plots", **plot_args).values():
+            print(f"wrote {path}")
+    return 0
+
+
+def _print_classification(result: dict[str, Any]) -> None:
     print(f"test loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  ({int(result['samples'])} images)")
     print("per-class accuracy:")
     for label, (acc, n) in enumerate(zip(result["per_class"], result["class_counts"], strict=True)):
         print(f"  {label}: {acc:.4f}  ({n} images)")
-    if plots:
-        # Beside the run's own plots: run_dir/plots/<checkpoint>_*.png (or next to a lone .pt file).
-        run_dir = r.path.parent.parent if r.path.parent.name == "checkpoints" else r.path.parent
-        test: Split = result["test"]
-        written = write_plots(
-            run_dir / "plots",
-            metrics_path=run_dir / "metrics.jsonl",
-            confusion=result["confusion"],
-            images=test.images,
-            labels=test.labels,
-            predictions=result["predictions"],
-            prefix=f"{r.path.stem}_",
-        )
-        for path in written.values():
-            print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.metrics import MetricsLogger, new_run_id
 from rnnddp.models import build_model, model_args
 from rnnddp.plots import write_plots
+from rnnddp.sine import ChunkBatches, make_splits
 from rnnddp.trainer import Trainer
 
 log = logging.getLogger("rnnddp")
@@ -58,7 +59,15 @@ def check_compatible(state: dict[str, Any], args: dict, path: Path) -> None:
 
 def check_same_data(state: dict[str, Any], cfg: Config, permutation: torch.Tensor | None, path: Path) -> None:
     """Refuse to resume a checkpoint under another data set, view or pixel order (same shapes, other task)."""
-    saved = (state.get("config") or {}).get("data", {})
+    saved_cfg = state.get("config") or {}
+    if saved_cfg.get("task", "classify") != cfg.task:
+        raise UserError(
+            f"checkpoint {path} was trained for task={saved_cfg.get('task', 'classify')}, the config says "
+            f"{cfg.task}; start a new run with another name="
+        )
+    if cfg.task == "sine_regression":
+        return
+    saved = saved_cfg.get("data", {})
     for key in ("dataset", "view"):
         # Checkpoints from before these keys existed were MNIST rows.
         before = saved.get(key, {"dataset": "mnist", "view": "rows"}[key])
@@ -90,6 +99,8 @@ def build_trainer(
     permutation: torch.Tensor | None = None,
 ) -> Trainer:
     """Data placement, batches, the model and the Trainer, as the job sets them up (benchmarks reuse it)."""
+    if cfg.task == "sine_regression":
+        return _build_sine_trainer(cfg, info, train_split, test_split, manager)
     device_resident = cfg.data.device_resident == "true" or (
         cfg.data.device_resident == "auto" and info.device.type == "cuda"
     )
@@ -120,19 +131,28 @@ def build_trainer(
     return Trainer(cfg, info, model, batches, test_split, checkpoints=manager)
 
 
-def run(cfg: Config, info: DistInfo) -> int:
-    run_dir = Path(cfg.run_dir)
-    manager = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, writer=info.is_main)
-    args = model_args(cfg.model, input_size=view_input_size(cfg.data.view))
-    permutation = view_permutation(cfg)
+def _build_sine_trainer(
+    cfg: Config, info: DistInfo, train_split: Split, test_split: Split, manager: CheckpointManager
+) -> Trainer:
+    batches = ChunkBatches(
+        train_split,
+        global_batch_size=cfg.train.global_batch_size,
+        chunk_len=cfg.data.chunk_len,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.seed,
+        device=info.device,
+    )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(model_args(cfg.model, task=cfg.task)).to(info.device)
+    torch.manual_seed(cfg.seed + info.rank)
+    return Trainer(cfg, info, model, batches, test_split.to(info.device), checkpoints=manager)
 
-    resume_path = find_resume_point(cfg, manager)
-    state = checkpoint.load(resume_path) if resume_path else None
-    if state is not None:
-        check_compatible(state, args, resume_path)
-        check_same_data(state, cfg, permutation, resume_path)
 
-    # Data first (local rank 0 extracts or downloads; the others then read the same files).
+def prepare_data(cfg: Config, info: DistInfo) -> tuple[Split, Split]:
+    """The task's train and test splits; for a data set, local rank 0 extracts or downloads first."""
+    if cfg.task == "sine_regression":
+        return make_splits(cfg.data, cfg.seed)  # generated: every rank makes the same sequences
     error: UserError | None = None
     root = None
     if info.local_rank == 0:
@@ -144,8 +164,22 @@ def run(cfg: Config, info: DistInfo) -> int:
         raise error or UserError("data preparation failed on another rank; see its message")
     if root is None:
         root = locate_dataset(cfg.data.dataset, cfg.data.root, cfg.data.cache_dir, download=False)
-    train_split, test_split = load_dataset(cfg.data.dataset, root)
+    return load_dataset(cfg.data.dataset, root)
 
+
+def run(cfg: Config, info: DistInfo) -> int:
+    run_dir = Path(cfg.run_dir)
+    manager = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, writer=info.is_main)
+    args = model_args(cfg.model, input_size=view_input_size(cfg.data.view), task=cfg.task)
+    permutation = view_permutation(cfg) if cfg.task == "classify" else None
+
+    resume_path = find_resume_point(cfg, manager)
+    state = checkpoint.load(resume_path) if resume_path else None
+    if state is not None:
+        check_compatible(state, args, resume_path)
+        check_same_data(state, cfg, permutation, resume_path)
+
+    train_split, test_split = prepare_data(cfg, info)
     trainer = build_trainer(cfg, info, train_split, test_split, manager, permutation=permutation)
     if state is not None:
         trainer.load_state_dict(state)
@@ -180,15 +214,7 @@ def run(cfg: Config, info: DistInfo) -> int:
     try:
         status = trainer.fit()
         if status == "finished" and info.is_main and trainer.last_eval_detail:
-            detail = trainer.last_eval_detail
-            written = write_plots(
-                run_dir / "plots",
-                metrics_path=run_dir / "metrics.jsonl",
-                confusion=detail["confusion"],
-                images=test_split.images,
-                labels=test_split.labels,
-                predictions=detail["predictions"],
-            )
+            written = _final_plots(cfg, run_dir, trainer.last_eval_detail, test_split)
             if written:
                 log.info("plots: %s", ", ".join(str(p) for p in written.values()))
             trainer.logger.images(written, trainer.global_step)
@@ -203,8 +229,25 @@ def run(cfg: Config, info: DistInfo) -> int:
             "exiting %d (resumable) %.2fs after the stop request; rerun the same command to resume", EXIT_STOPPED, took
         )
         return EXIT_STOPPED
-    result = trainer.last_eval
+    metric = trainer.metric
     log.info(
-        "done: test accuracy %.4f, loss %.4f (best %.4f)", result["accuracy"], result["loss"], trainer.best_accuracy
+        "done: test %s %.4f, loss %.4f (best %.4f)",
+        metric,
+        trainer.last_eval[metric],
+        trainer.last_eval["loss"],
+        trainer.best,
     )
     return 0
+
+
+def _final_plots(cfg: Config, run_dir: Path, detail: dict[str, Any], test_split: Split) -> dict[str, Path]:
+    common = dict(metrics_path=run_dir / "metrics.jsonl", predictions=detail["predictions"])
+    if cfg.task == "sine_regression":
+        return write_plots(run_dir / "plots", sine_inputs=test_split.images, sine_targets=test_split.labels, **common)
+    return write_plots(
+        run_dir / "plots",
+        confusion=detail["confusion"],
+        images=test_split.images,
+        labels=test_split.labels,
+        **common,
+    )

@@ -56,6 +56,33 @@ class SequenceClassifier(nn.Module):
         return self.head(last)
 
 
+class SequenceRegressor(nn.Module):
+    """[B, T, input_size] and a hidden state -> a prediction at every step, and the new state.
+
+    The caller carries the state from one chunk of a sequence to the next (the sine task);
+    ``state=None`` starts a sequence from zeros.
+    """
+
+    def __init__(
+        self, cell: str = "rnn", input_size: int = 1, hidden_size: int = 32, num_layers: int = 1, output_size: int = 1
+    ) -> None:
+        super().__init__()
+        self.args = dict(
+            name="regressor",
+            cell=cell,
+            input_size=input_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            output_size=output_size,
+        )
+        self.rnn = CELLS[cell](input_size, hidden_size, num_layers=num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, output_size)
+
+    def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        out, state = self.rnn(x, state)
+        return self.head(out), state
+
+
 class ConvClassifier(nn.Module):
     """The seed's CNN: [B, 28, 28] -> 2 x (Conv 5x5 'same' + ReLU + MaxPool 2) -> Linear -> logits."""
 
@@ -79,12 +106,21 @@ class ConvClassifier(nn.Module):
         return self.head(self.features(x.unsqueeze(1)).flatten(1))
 
 
-def model_args(cfg: Any, input_size: int = 28, num_classes: int = 10) -> dict:
+def model_args(cfg: Any, input_size: int = 28, num_classes: int = 10, task: str = "classify") -> dict:
     """The constructor arguments for ``cfg.model``; stored in checkpoints to rebuild the net.
 
     The recurrent classifier's dict has no ``name`` key (as before the CNN existed), so
     checkpoints written earlier still match and resume.
     """
+    if task == "sine_regression":
+        return dict(
+            name="regressor",
+            cell=str(cfg.cell),
+            input_size=1,
+            hidden_size=int(cfg.hidden_size),
+            num_layers=int(cfg.num_layers),
+            output_size=1,
+        )
     if str(getattr(cfg, "name", "rnn")) == "cnn":
         return dict(name="cnn", channels=[16, 32], image_size=28, num_classes=num_classes)
     return dict(
@@ -101,6 +137,9 @@ def model_args(cfg: Any, input_size: int = 28, num_classes: int = 10) -> dict:
 def build_model(args: dict) -> nn.Module:
     """Rebuild the network from its stored constructor arguments (``model_args``)."""
     args = dict(args)
-    if args.pop("name", "rnn") == "cnn":
+    name = args.pop("name", "rnn")
+    if name == "cnn":
         return ConvClassifier(**args)
+    if name == "regressor":
+        return SequenceRegressor(**args)
     return SequenceClassifier(**args)

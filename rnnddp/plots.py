@@ -1,4 +1,5 @@
-"""Pictures of a run: learning curves, a confusion matrix, a grid of test digits.
+"""Pictures of a run: learning curves, a confusion matrix, a grid of test digits; for the sine
+task, predictions against the target.
 
 Rank 0 writes them at the end of a run (rnnddp.job) and ``python -m rnnddp.evaluate`` writes them
 for a checkpoint. matplotlib runs headless (Agg) and is imported only here, only when drawing.
@@ -36,23 +37,24 @@ def effective_records(metrics_path: Path) -> list[dict]:
 
 
 def learning_curves(metrics_path: Path, out: Path) -> Path:
-    """Train and test loss (left) and test accuracy (right) against the optimiser step."""
+    """Train and test loss (left) and the test metric (right: accuracy, or MSE) against the step."""
     plt = _pyplot()
     recs = effective_records(metrics_path)
+    metric = "mse" if any("eval/mse" in r for r in recs) else "accuracy"
     train = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
-    test = [(r["step"], r["eval/loss"], r["eval/accuracy"]) for r in recs if "eval/accuracy" in r]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    test = [(r["step"], r["eval/loss"], r[f"eval/{metric}"]) for r in recs if f"eval/{metric}" in r]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
         ax_loss.plot(*zip(*train, strict=True), label="train (mean since last log)")
     if test:
-        steps, losses, accs = zip(*test, strict=True)
+        steps, losses, values = zip(*test, strict=True)
         ax_loss.plot(steps, losses, "o-", label="test")
-        ax_acc.plot(steps, accs, "o-", color="C1")
-        ax_acc.set_title(f"test accuracy (last {accs[-1]:.4f})")
-    ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="loss")
+        ax_metric.plot(steps, values, "o-", color="C1")
+        ax_metric.set_title(f"test {metric} (last {values[-1]:.4f})")
+    ax_loss.set(xlabel="step", ylabel="MSE" if metric == "mse" else "cross-entropy", yscale="log", title="loss")
     ax_loss.legend()
-    ax_acc.set(xlabel="step", ylabel="accuracy")
-    ax_acc.grid(alpha=0.3)
+    ax_metric.set(xlabel="step", ylabel=metric, yscale="log" if metric == "mse" else "linear")
+    ax_metric.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -114,6 +116,28 @@ def digit_grid(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Te
     return out
 
 
+def sine_prediction(
+    inputs: torch.Tensor, targets: torch.Tensor, predictions: torch.Tensor, out: Path, n: int = 3
+) -> Path:
+    """The first ``n`` held-out sequences: input sin, target cos and the prediction, step by step."""
+    plt = _pyplot()
+    n = min(n, len(targets))
+    fig, axes = plt.subplots(n, 1, figsize=(11, 2.2 * n), squeeze=False, sharex=True)
+    for k, ax in enumerate(axes[:, 0]):
+        t = range(targets.shape[1])
+        ax.plot(t, inputs[k, :, 0].cpu(), color="0.7", lw=1, label="input sin(t)")
+        ax.plot(t, targets[k, :, 0].cpu(), "r-", lw=1.5, label="target cos(t)")
+        ax.plot(t, predictions[k, :, 0].cpu(), "b--", lw=1.5, label="prediction")
+        mse = torch.mean((predictions[k] - targets[k].cpu()) ** 2).item()
+        ax.set_title(f"held-out sequence {k}: MSE {mse:.5f}", fontsize=9)
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("step (the hidden state carries across chunks)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def write_plots(
     out_dir: Path,
     *,
@@ -122,6 +146,8 @@ def write_plots(
     images: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     predictions: torch.Tensor | None = None,
+    sine_inputs: torch.Tensor | None = None,
+    sine_targets: torch.Tensor | None = None,
     prefix: str = "",
 ) -> dict[str, Path]:
     """Draw whatever the inputs allow into ``out_dir``; returns {name: file}.
@@ -140,6 +166,9 @@ def write_plots(
             written["confusion_matrix"] = confusion_matrix(confusion, out_dir / f"{prefix}confusion_matrix.png")
         if images is not None and labels is not None and predictions is not None:
             written["test_digits"] = digit_grid(images, labels, predictions, out_dir / f"{prefix}test_digits.png")
+        if sine_inputs is not None and sine_targets is not None and predictions is not None:
+            out = out_dir / f"{prefix}sine_prediction.png"
+            written["sine_prediction"] = sine_prediction(sine_inputs, sine_targets, predictions, out)
     except Exception as e:  # see the docstring
         logging.getLogger("rnnddp").warning("could not draw the plots in %s: %s", out_dir, str(e).splitlines()[0])
     return written

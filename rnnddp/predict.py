@@ -47,6 +47,8 @@ def predict(target: str | Path, images: list[str], overrides: list[str] | None =
         raise UserError("no image files given: python -m rnnddp.predict CHECKPOINT image.png [...]")
     pixels = torch.stack([load_image(p) for p in images])  # every file is checked before any work
     r = restore(target, overrides or [])
+    if r.regression:
+        raise UserError(f"{r.path} is a task=sine_regression model; predict classifies digit images only")
     data = r.cfg.data
     x = to_sequences(pixels, data.normalize, data.view, r.permutation, data.dataset)
     with torch.no_grad():

@@ -29,6 +29,7 @@ from rnnddp.errors import NonFiniteLossError
 from rnnddp.evaluate import evaluate
 from rnnddp.metrics import MetricsLogger, fmt
 from rnnddp.preemption import StopRequest
+from rnnddp.sine import ChunkBatches, detach_state, evaluate_sine, merge_states, rank_state
 
 log = logging.getLogger("rnnddp")
 ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -104,6 +105,12 @@ def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
+def _to_cpu(state: Any) -> Any:
+    if state is None:
+        return None
+    return tuple(s.cpu() for s in state) if isinstance(state, tuple) else state.cpu()
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -124,7 +131,7 @@ class Trainer:
         cfg: Any,
         info: DistInfo,
         module: nn.Module,
-        train: TrainBatches,
+        train: TrainBatches | ChunkBatches,
         test: Split,
         *,
         checkpoints: CheckpointManager,
@@ -156,7 +163,12 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
-        self.best_accuracy = -1.0
+        # The sine task: a hidden state carried between the chunks of a sequence, and MSE (lower
+        # is better) instead of accuracy as the metric that picks best.pt.
+        self.regression = cfg.task == "sine_regression"
+        self.metric = "mse" if self.regression else "accuracy"
+        self.best: float | None = None
+        self.carry: Any = None
         self.last_eval: dict[str, float] = {}
         self.last_eval_detail: dict[str, Any] = {}  # rank 0: confusion matrix and predictions (for plots)
         self._window = _Window(info.device)
@@ -171,9 +183,11 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
-            "best_accuracy": self.best_accuracy,
+            "best_metric": self.best,
             "world_size": self.info.world_size,
             "rng": dist.gather_objects(rng_state(), self.info),  # every rank's, indexed by rank
+            # Mid-sequence (sine task): the carried state of the whole global batch, in its order.
+            "carry": merge_states(dist.gather_objects(_to_cpu(self.carry), self.info)),
             **self.extra_state,
         }
 
@@ -187,7 +201,9 @@ class Trainer:
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
-        self.best_accuracy = state["best_accuracy"]
+        best = state.get("best_metric", state.get("best_accuracy"))  # older checkpoints: accuracy or -1
+        self.best = None if best is None or best < 0 else best
+        self.carry = rank_state(state.get("carry"), self.info.rank, self.info.world_size, self.info.device)
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             set_rng_state(rngs[self.info.rank])
@@ -209,10 +225,17 @@ class Trainer:
         return self.global_step >= self.total_steps
 
     # -- loop -------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.autocast:
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y)
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, new_sequence: bool = False) -> torch.Tensor:
+        """One optimiser step; for the sine task, on one chunk with the state carried from the last."""
+        if self.regression:
+            with self.autocast:
+                out, state = self.model(x, None if new_sequence else self.carry)
+            self.carry = detach_state(state)  # truncated BPTT: no gradient into earlier chunks
+            loss = F.mse_loss(out.float(), y)
+        else:
+            with self.autocast:
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
         if self.cfg.debug.nonfinite_from_step and self.global_step + 1 >= self.cfg.debug.nonfinite_from_step:
             loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,8 +268,8 @@ class Trainer:
         self.module.train()
         try:
             while not self.finished:
-                for x, y in self.train.epoch(self.epoch, self.step_in_epoch):
-                    self._window.add(self.train_step(x, y))
+                for batch in self.train.epoch(self.epoch, self.step_in_epoch):
+                    self._window.add(self.train_step(*batch))
                     self.step_in_epoch += 1
                     self.global_step += 1
                     if bar is not None:
@@ -272,9 +295,7 @@ class Trainer:
             self.stop.close()
             if bar is not None:
                 bar.close()
-        self.logger.summary(
-            {"best_accuracy": self.best_accuracy, **{f"final/{k}": v for k, v in self.last_eval.items()}}
-        )
+        self.logger.summary({f"best_{self.metric}": self.best, **{f"final/{k}": v for k, v in self.last_eval.items()}})
         return "finished"
 
     def _after_step(self, bar: Any) -> None:
@@ -343,38 +364,43 @@ class Trainer:
     def _evaluate(self) -> bool:
         """Rank 0 evaluates the unwrapped module; the others wait in the broadcast of its result.
 
-        Returns whether this is the best accuracy so far (the same answer on every rank).
+        Returns whether this is the best result so far (the same answer on every rank).
         """
         result = torch.zeros(2, device=self.info.device, dtype=torch.float64)
         if self.info.is_main:
-            m = evaluate(
-                self.module,
-                self.test,
-                batch_size=self.cfg.eval.batch_size,
-                device=self.info.device,
-                normalize=self.cfg.data.normalize,
-                autocast=self.autocast,
-                view=self.train.view,
-                permutation=self.train.permutation,
-                dataset=self.train.dataset,
-                num_classes=getattr(self.module, "args", {}).get("num_classes", 10),
-                predictions=True,
-            )
-            self.last_eval_detail = {"confusion": m["confusion"], "predictions": m["predictions"]}
-            result = torch.tensor([m["loss"], m["accuracy"]], device=self.info.device, dtype=torch.float64)
-        loss, acc = dist.broadcast(result).tolist()
-        new_best = acc > self.best_accuracy
-        self.best_accuracy = max(self.best_accuracy, acc)
-        self.last_eval = {"loss": loss, "accuracy": acc}
+            m = self._evaluate_here()
+            self.last_eval_detail = {k: m[k] for k in ("confusion", "predictions") if k in m}
+            result = torch.tensor([m["loss"], m[self.metric]], device=self.info.device, dtype=torch.float64)
+        loss, value = dist.broadcast(result).tolist()
+        new_best = self.best is None or (value < self.best if self.regression else value > self.best)
+        if new_best:
+            self.best = value
+        self.last_eval = {"loss": loss, self.metric: value}
         metrics = {
             "eval/loss": loss,
-            "eval/accuracy": acc,
-            "eval/best_accuracy": self.best_accuracy,
+            f"eval/{self.metric}": value,
+            f"eval/best_{self.metric}": self.best,
             "epoch": self.epoch,
         }
         self.logger.log(metrics, self.global_step)
-        log.info("eval step %d: loss %.4f accuracy %.4f (best %.4f)", self.global_step, loss, acc, self.best_accuracy)
+        log.info("eval step %d: loss %.4f %s %.4f (best %.4f)", self.global_step, loss, self.metric, value, self.best)
         return new_best
+
+    def _evaluate_here(self) -> dict[str, Any]:
+        common = dict(batch_size=self.cfg.eval.batch_size, device=self.info.device, autocast=self.autocast)
+        if self.regression:
+            return evaluate_sine(self.module, self.test, predictions=True, **common)
+        return evaluate(
+            self.module,
+            self.test,
+            normalize=self.cfg.data.normalize,
+            view=self.train.view,
+            permutation=self.train.permutation,
+            dataset=self.train.dataset,
+            num_classes=getattr(self.module, "args", {}).get("num_classes", 10),
+            predictions=True,
+            **common,
+        )
 
     def _save(self, best: bool = False) -> None:
         # A model that just produced a non-finite loss is never written: latest stays good.
