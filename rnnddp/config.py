@@ -104,6 +104,7 @@ class WandbConfig:
 class DistConfig:
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
     timeout_s: int = 1800  # collective timeout; must outlast rank-0 evaluation and saves
+    grad_sync: str = "auto"  # auto | allreduce | allgather: how DDP averages gradients (see dist.py)
 
 
 @dataclass
@@ -146,6 +147,7 @@ CHOICES = {
     "sched.name": ("constant", "cosine", "onecycle"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.grad_sync": ("auto", "allreduce", "allgather"),
 }
 POSITIVE = (
     "train.epochs",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rnnddp.models import build_model
@@ -27,11 +28,12 @@ def _params_close(a: dict, b: dict, atol: float) -> float:
     return worst
 
 
-def test_two_ranks_match_one_process(tmp_path: Path, mnist_root):
+@pytest.mark.parametrize("grad_sync", ["auto", "allreduce"])  # auto = one all-gather on gloo
+def test_two_ranks_match_one_process(tmp_path: Path, mnist_root, grad_sync: str):
     # Same seed and global batch: gradients averaged over 2 shards == one process on the batch.
     args = [*SHORT, f"data.root={mnist_root}", "train.max_steps=20", "optim.lr=0.01", "sched.name=cosine"]
     run_job([*args, f"run_dir={tmp_path}/w1"], nproc=1)
-    run_job([*args, f"run_dir={tmp_path}/w2"], nproc=2)
+    run_job([*args, f"dist.grad_sync={grad_sync}", f"run_dir={tmp_path}/w2"], nproc=2)
     one, two = latest_state(tmp_path / "w1"), latest_state(tmp_path / "w2")
     assert one["global_step"] == two["global_step"] == 20
     assert two["world_size"] == 2 and len(two["rng"]) == 2
