@@ -83,7 +83,7 @@ class ChunkBatches:
         for step in range(start_step, self.steps_per_epoch):
             batch, chunk = divmod(step, self.chunks)
             i, t = idx[batch], slice(chunk * self.chunk_len, (chunk + 1) * self.chunk_len)
-            yield self.split.images[i, t], self.split.labels[i, t], chunk == 0
+            yield self.split.images.index_select(0, i)[:, t], self.split.labels.index_select(0, i)[:, t], chunk == 0
 
 
 def detach_state(state: Any) -> Any:
