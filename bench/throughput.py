@@ -24,6 +24,7 @@ part. Every timed part also records how many cores *other* processes kept busy m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -81,6 +82,7 @@ class Settings:
     rounds: int
     ddp_steps: int
     t98_timeout_s: float
+    extra: tuple[str, ...]  # --set: config overrides for rnnddp's parts (e.g. dist.grad_sync=allreduce)
     epoch_cap_s: float  # gpu/pixel epoch: time 50 steps and extrapolate when an epoch would take longer
     skip: frozenset[str]
     quick: bool
@@ -236,6 +238,7 @@ def matched_overrides(s: Settings) -> list[str]:
         "sched.warmup_steps=0",
         "train.grad_clip=0",
         "data.normalize=false",
+        *s.extra,
     ]
 
 
@@ -278,8 +281,8 @@ def ceiling_step_fn(train_split: Split, s: Settings) -> StepFn:
     cuda = s.device.type == "cuda"
     if cuda:
         model.rnn.flatten_parameters()
-    # fused Adam on CUDA, as rnnddp uses: the ceiling should not be lower than what rnnddp can reach.
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, **({"fused": True} if cuda else {}))
+    # fused Adam, as rnnddp uses: the ceiling should not be lower than what rnnddp can reach.
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
     autocast = autocast_context(s.precision, s.device)
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.precision == "fp16")
     b = s.batch
@@ -400,7 +403,30 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def ddp_part(s: Settings, tmp: Path) -> dict[str, Any]:
+def compute_bound(train_split: Split, s: Settings) -> dict[str, Any]:
+    """What 2 ranks could reach with free communication: 2 x the model-only rate at half the batch.
+
+    Measured in this process on one thread, like one rank: an LSTM step at batch B/2 costs more
+    than half a step at B, so perfect scaling is out of reach before any byte is sent.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        half, full = dataclasses.replace(s, batch=s.batch // 2), dataclasses.replace(s, batch=s.batch)
+        rates = measure_interleaved(
+            {"half": ceiling_step_fn(train_split, half), "full": ceiling_step_fn(train_split, full)}, s
+        )
+    finally:
+        torch.set_num_threads(threads)
+    r_half, r_full = rates["half"]["samples_per_s"], rates["full"]["samples_per_s"]
+    return {
+        "half_batch_samples_per_s": r_half,
+        "full_batch_samples_per_s": r_full,
+        "speedup": round(2 * r_half / r_full, 3),
+    }
+
+
+def ddp_part(s: Settings, tmp: Path, train_split: Split | None = None) -> dict[str, Any]:
     """2 ranks x 1 thread against 1 rank x 1 thread, same global batch, from the job's own windows."""
     # Stay inside epoch 0: an epoch end evaluates and saves, and the trainer's next logging window
     # would include that time.
@@ -441,6 +467,8 @@ def ddp_part(s: Settings, tmp: Path) -> dict[str, Any]:
     one, two = out["one_rank"]["samples_per_s"], out["two_ranks"]["samples_per_s"]
     out["samples_per_s"] = two
     out["speedup_over_one_rank"] = round(two / one, 3) if one and two else None
+    if train_split is not None and s.device.type == "cpu":
+        out["no_comm_bound"] = compute_bound(train_split, s)
     out["scaling_efficiency"] = round(two / (2 * one), 3) if one and two else None
     out["disturbed"] = any(
         (e.get("foreign_cores") or 0) > DISTURBED_CORES or (e.get("window_cv") or 0) > DISTURBED_CV
@@ -638,6 +666,7 @@ def headline(parts: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "rnnddp/tutorial": ratio(rate("rnnddp"), rate("tutorial")),
         "rnnddp/ceiling": ratio(rate("rnnddp"), rate("ceiling")),
         "ddp2/one_rank": ddp.get("speedup_over_one_rank"),
+        "ddp2_no_comm_bound": (ddp.get("no_comm_bound") or {}).get("speedup"),
         "ddp2_scaling_efficiency": ddp.get("scaling_efficiency"),
         "ddp2/tutorial": ratio(rate("ddp2"), rate("tutorial")),
     }
@@ -656,6 +685,7 @@ def print_report(parts: dict[str, dict[str, Any]], head: dict[str, Any]) -> None
         "rnnddp/tutorial": "rnnddp / tutorial",
         "rnnddp/ceiling": "rnnddp / ceiling",
         "ddp2/one_rank": "ddp2 / 1 rank",
+        "ddp2_no_comm_bound": "ddp2 bound, free comm",
         "ddp2_scaling_efficiency": "ddp2 scaling efficiency",
         "ddp2/tutorial": "ddp2 / tutorial",
     }
@@ -683,6 +713,7 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join(PARTS)}")
     p.add_argument("--ddp-steps", type=int, help="optimiser steps of each ddp2 run (capped at one epoch)")
     p.add_argument("--t98-timeout", type=float, help="seconds before time_to_98.5 gives up")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for rnnddp's parts")
     p.add_argument("--quick", action="store_true", help="few steps and short caps: a smoke test")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results path")
     a = p.parse_args(argv)
@@ -716,6 +747,7 @@ def parse_args(argv: list[str]) -> Settings:
         rounds=a.rounds or (2 if a.quick else 3),
         ddp_steps=a.ddp_steps or (200 if a.quick else 900),
         t98_timeout_s=a.t98_timeout or (30.0 if a.quick else 180.0),
+        extra=tuple(a.set),
         epoch_cap_s=15.0 if a.quick else 60.0,
         skip=skip,
         quick=a.quick,
@@ -784,7 +816,7 @@ def main(argv: list[str]) -> int:
         if "rnnddp" in parts and "samples_per_s" in parts["rnnddp"]:
             parts["rnnddp"]["grad_clip"] = load_config(matched_overrides(s)).train.grad_clip
         if "ddp2" not in skipped:
-            parts["ddp2"] = guarded("ddp2", lambda: ddp_part(s, tmp))
+            parts["ddp2"] = guarded("ddp2", lambda: ddp_part(s, tmp, data[0]))
         if "time_to_98.5" not in skipped:
             parts["time_to_98.5"] = guarded("time_to_98.5", lambda: time_to_accuracy_part(s, tmp))
         if "gpu_epoch" not in skipped:
