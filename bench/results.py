@@ -53,7 +53,7 @@ def describe(cfg: Any) -> tuple[str, str]:
     if m.name == "cnn":
         return "CNN (2 conv + linear)", cfg.data.view
     layers = f"{m.num_layers}-layer " if m.num_layers > 1 else ""
-    return f"{'bi' if m.bidirectional else ''}{layers}{m.cell.upper()}-{m.hidden_size}", cfg.data.view
+    return f"{'bidirectional ' if m.bidirectional else ''}{layers}{m.cell.upper()}-{m.hidden_size}", cfg.data.view
 
 
 def run_config(name: str, root: str, nproc: int, extra: list[str], tmp: Path) -> dict[str, Any]:
