@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bench.throughput import job_command, job_env
 from rnnddp.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,12 +37,6 @@ DEFAULT_CONFIGS = [
     "seed_cnn",
     "seed_sine",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def describe(cfg: Any) -> tuple[str, str]:
@@ -62,22 +56,10 @@ def run_config(name: str, root: str, nproc: int, extra: list[str], tmp: Path) ->
     args = ["--config", str(config), f"data.root={root}", f"run_dir={run_dir}", "resume=none", "wandb.mode=disabled"]
     args += extra
     cfg = load_config(args)
-    launcher = [sys.executable, str(REPO / "train_ddp.py")]
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            str(REPO / "train_ddp.py"),
-        ]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun gives each rank OMP_NUM_THREADS=1 unless it is set, as for a user's launch.
+    env = job_env(threads=None)
     start = time.perf_counter()
-    proc = subprocess.run([*launcher, *args], env=env, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(job_command(args, nproc), env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     model, view = describe(cfg)
     row: dict[str, Any] = {
