@@ -162,3 +162,30 @@ def test_seed_sine_two_ranks_reaches_mse_bar_and_evaluate_agrees(tmp_path: Path)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = sorted(p.name for p in (run / "wandb").rglob("media/images/plots/*.png"))
     assert [n.startswith("sine_prediction_") for n in logged].count(True) == 1, logged  # also a W&B image
+
+
+def test_predict_refuses_a_sine_checkpoint_in_one_line(tmp_path: Path):
+    from PIL import Image
+
+    from rnnddp.checkpoint import CheckpointManager
+    from rnnddp.config import to_dict
+
+    cfg = load_config(SMALL)
+    args = model_args(cfg.model, task=cfg.task)
+    CheckpointManager(tmp_path / "run").save(
+        {"model": build_model(args).state_dict(), "model_args": args, "config": to_dict(cfg), "global_step": 0}, 0
+    )
+    img = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(img)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnddp.predict", str(tmp_path / "run"), str(img)],
+        env=job_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'run' / 'checkpoints' / 'step_0000000.pt'} is a task=sine_regression model; "
+        "predict classifies digit images only"
+    ]
