@@ -58,7 +58,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     log_every_steps: int = 50
     max_nonfinite: int = 3  # stop after this many consecutive non-finite losses (unless a GradScaler skips them)
-    # Signals that stop the job cleanly: checkpoint at the next step boundary, then exit 75.
+    # Signals that stop the job cleanly: checkpoint at a step boundary (within 10 steps), then exit 75.
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
 
@@ -275,6 +275,7 @@ def validate(cfg: DictConfig) -> None:
         value = str(OmegaConf.select(cfg, key)).lower()
         if value not in choices:
             raise UserError(f"bad value for config key {key!r}: {value!r}; choose one of {', '.join(choices)}")
+        OmegaConf.update(cfg, key, value)  # the code compares lower-case names: Sine_Regression works too
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise UserError(f"bad value for config key {key!r}: must be > 0")

@@ -65,9 +65,20 @@ def check_same_data(state: dict[str, Any], cfg: Config, permutation: torch.Tenso
             f"checkpoint {path} was trained for task={saved_cfg.get('task', 'classify')}, the config says "
             f"{cfg.task}; start a new run with another name="
         )
-    if cfg.task == "sine_regression":
-        return
     saved = saved_cfg.get("data", {})
+    if cfg.task == "sine_regression":
+        # The sequences are generated from these settings and the seed, and a checkpoint taken
+        # mid-sequence carries a state for exactly that global batch and chunk position.
+        for key in ("data.sine_sequences", "data.sine_length", "data.chunk_len", "seed", "train.global_batch_size"):
+            section, _, name = key.rpartition(".")
+            before = (saved_cfg.get(section, {}) if section else saved_cfg).get(name)
+            now = cfg[section][name] if section else cfg[name]
+            if before != now:
+                raise UserError(
+                    f"checkpoint {path} was trained with {key}={before}, the config says {now}; "
+                    f"set {key}={before} or start a new run with another name="
+                )
+        return
     for key in ("dataset", "view"):
         # Checkpoints from before these keys existed were MNIST rows.
         before = saved.get(key, {"dataset": "mnist", "view": "rows"}[key])
@@ -235,7 +246,7 @@ def run(cfg: Config, info: DistInfo) -> int:
         metric,
         trainer.last_eval[metric],
         trainer.last_eval["loss"],
-        trainer.best,
+        float("nan") if trainer.best is None else trainer.best,
     )
     return 0
 

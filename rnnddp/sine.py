@@ -80,19 +80,27 @@ class ChunkBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
         idx = self.indices(epoch).to(self.split.images.device)
+        held = -1  # the batch whose sequences x, y hold (gathered once, sliced per chunk)
         for step in range(start_step, self.steps_per_epoch):
             batch, chunk = divmod(step, self.chunks)
-            i, t = idx[batch], slice(chunk * self.chunk_len, (chunk + 1) * self.chunk_len)
-            yield self.split.images.index_select(0, i)[:, t], self.split.labels.index_select(0, i)[:, t], chunk == 0
+            if batch != held:
+                held = batch
+                x, y = self.split.images.index_select(0, idx[batch]), self.split.labels.index_select(0, idx[batch])
+            t = slice(chunk * self.chunk_len, (chunk + 1) * self.chunk_len)
+            yield x[:, t], y[:, t], chunk == 0
 
 
 def detach_state(state: Any) -> Any:
-    """Cut the graph behind a carried hidden state (an LSTM's is a (h, c) pair)."""
+    """Cut the graph behind a carried hidden state (an LSTM's is a (h, c) pair), kept in fp32.
+
+    fp32 whatever autocast produced (bf16, or fp16 from cuDNN): the cast back under autocast is
+    exact, and a checkpoint taken mid-sequence then resumes under any precision.
+    """
     if state is None:
         return None
     if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
+        return tuple(s.detach().float() for s in state)
+    return state.detach().float()
 
 
 def merge_states(per_rank: list[Any]) -> Any:

@@ -200,6 +200,11 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
+        # The implementation (fused or not) is this run's choice, not the checkpoint's: a file
+        # written before fused Adam on the CPU would otherwise keep the slower loop.
+        for saved, now in zip(state["optimizer"]["param_groups"], self.optimizer.param_groups, strict=True):
+            if "fused" in now:
+                saved["fused"] = now["fused"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] or not self.scaler.is_enabled():
@@ -379,18 +384,20 @@ class Trainer:
             self.last_eval_detail = {k: m[k] for k in ("confusion", "predictions") if k in m}
             result = torch.tensor([m["loss"], m[self.metric]], device=self.info.device, dtype=torch.float64)
         loss, value = dist.broadcast(result).tolist()
-        new_best = self.best is None or (value < self.best if self.regression else value > self.best)
+        better = self.best is None or (value < self.best if self.regression else value > self.best)
+        new_best = better and not math.isnan(value)  # a NaN MSE must not become the bar to beat
         if new_best:
             self.best = value
         self.last_eval = {"loss": loss, self.metric: value}
+        best = float("nan") if self.best is None else self.best  # None while every result was NaN
         metrics = {
             "eval/loss": loss,
             f"eval/{self.metric}": value,
-            f"eval/best_{self.metric}": self.best,
+            f"eval/best_{self.metric}": best,
             "epoch": self.epoch,
         }
         self.logger.log(metrics, self.global_step)
-        log.info("eval step %d: loss %.4f %s %.4f (best %.4f)", self.global_step, loss, self.metric, value, self.best)
+        log.info("eval step %d: loss %.4f %s %.4f (best %.4f)", self.global_step, loss, self.metric, value, best)
         return new_best
 
     def _evaluate_here(self) -> dict[str, Any]:

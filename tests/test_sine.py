@@ -189,3 +189,25 @@ def test_predict_refuses_a_sine_checkpoint_in_one_line(tmp_path: Path):
         f"error: {tmp_path / 'run' / 'checkpoints' / 'step_0000000.pt'} is a task=sine_regression model; "
         "predict classifies digit images only"
     ]
+
+
+def test_resume_refuses_other_sequences_and_survives_a_precision_change(tmp_path: Path):
+    run = tmp_path / "run"
+    run_job([*SMALL, "train.precision=bf16", "train.max_steps=25", f"run_dir={run}"])
+    carry = latest_state(run)["carry"]
+    assert carry[0].dtype == torch.float32  # stored in fp32 whatever autocast produced
+    ckpt = run / "checkpoints" / "step_0000025.pt"
+    for key, before, now in [("data.chunk_len", 10, 20), ("train.global_batch_size", 32, 64), ("seed", 0, 1)]:
+        proc = run_job([*SMALL, "train.max_steps=50", f"{key}={now}", f"run_dir={run}"], check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [
+            f"error: checkpoint {ckpt} was trained with {key}={before}, the config says {now}; "
+            f"set {key}={before} or start a new run with another name="
+        ]
+    run_job([*SMALL, "train.precision=fp32", "train.max_steps=50", f"run_dir={run}"])  # bf16 -> fp32 mid-sequence
+    assert latest_state(run)["global_step"] == 50
+
+
+def test_choice_values_are_case_insensitive():
+    cfg = load_config(["task=Sine_Regression", "model.cell=RNN", "dist.grad_sync=AllGather"])
+    assert (cfg.task, cfg.model.cell, cfg.dist.grad_sync) == ("sine_regression", "rnn", "allgather")
