@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from rnnddp import checkpoint, dist
 from rnnddp.checkpoint import CheckpointManager
@@ -69,10 +70,9 @@ def check_same_data(state: dict[str, Any], cfg: Config, permutation: torch.Tenso
     if cfg.task == "sine_regression":
         # The sequences are generated from these settings and the seed, and a checkpoint taken
         # mid-sequence carries a state for exactly that global batch and chunk position.
+        saved_tree = OmegaConf.create(saved_cfg)
         for key in ("data.sine_sequences", "data.sine_length", "data.chunk_len", "seed", "train.global_batch_size"):
-            section, _, name = key.rpartition(".")
-            before = (saved_cfg.get(section, {}) if section else saved_cfg).get(name)
-            now = cfg[section][name] if section else cfg[name]
+            before, now = OmegaConf.select(saved_tree, key), OmegaConf.select(cfg, key)
             if before != now:
                 raise UserError(
                     f"checkpoint {path} was trained with {key}={before}, the config says {now}; "
