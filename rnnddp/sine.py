@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -90,17 +90,20 @@ class ChunkBatches:
             yield x[:, t], y[:, t], chunk == 0
 
 
+def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: Any) -> Any:
+    """Apply ``fn`` to a hidden state: None, a tensor, or an LSTM's (h, c) pair."""
+    if state is None:
+        return None
+    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+
+
 def detach_state(state: Any) -> Any:
-    """Cut the graph behind a carried hidden state (an LSTM's is a (h, c) pair), kept in fp32.
+    """Cut the graph behind a carried hidden state, kept in fp32.
 
     fp32 whatever autocast produced (bf16, or fp16 from cuDNN): the cast back under autocast is
     exact, and a checkpoint taken mid-sequence then resumes under any precision.
     """
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s.detach().float() for s in state)
-    return state.detach().float()
+    return map_state(lambda s: s.detach().float(), state)
 
 
 def merge_states(per_rank: list[Any]) -> Any:
@@ -115,11 +118,7 @@ def merge_states(per_rank: list[Any]) -> Any:
 
 def rank_state(state: Any, rank: int, world_size: int, device: torch.device) -> Any:
     """This rank's slice of a global carried state (the inverse of ``merge_states``)."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(rank_state(s, rank, world_size, device) for s in state)
-    return state[:, rank::world_size].contiguous().to(device)
+    return map_state(lambda s: s[:, rank::world_size].contiguous().to(device), state)
 
 
 @torch.no_grad()

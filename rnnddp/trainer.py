@@ -30,7 +30,7 @@ from rnnddp.errors import NonFiniteLossError
 from rnnddp.evaluate import evaluate
 from rnnddp.metrics import MetricsLogger, fmt
 from rnnddp.preemption import StopRequest
-from rnnddp.sine import ChunkBatches, detach_state, evaluate_sine, merge_states, rank_state
+from rnnddp.sine import ChunkBatches, detach_state, evaluate_sine, map_state, merge_states, rank_state
 
 log = logging.getLogger("rnnddp")
 ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -105,12 +105,6 @@ class _Window:
 
 def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
-
-
-def _to_cpu(state: Any) -> Any:
-    if state is None:
-        return None
-    return tuple(s.cpu() for s in state) if isinstance(state, tuple) else state.cpu()
 
 
 def rng_state() -> dict[str, Any]:
@@ -194,7 +188,7 @@ class Trainer:
             "world_size": self.info.world_size,
             "rng": dist.gather_objects(rng_state(), self.info),  # every rank's, indexed by rank
             # Mid-sequence (sine task): the carried state of the whole global batch, in its order.
-            "carry": merge_states(dist.gather_objects(_to_cpu(self.carry), self.info)),
+            "carry": merge_states(dist.gather_objects(map_state(torch.Tensor.cpu, self.carry), self.info)),
             **self.extra_state,
         }
 
