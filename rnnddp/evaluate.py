@@ -155,15 +155,26 @@ def run_evaluation(target: str | Path, overrides: list[str]) -> dict[str, Any]:
     r = restore(target, overrides)
     data = r.cfg.data
     device = _device()
-    if r.regression:
-        return _evaluate_sine_checkpoint(r, device)
-    _, test = load_dataset(data.dataset, locate_dataset(data.dataset, data.root, data.cache_dir, data.download))
     r.module.to(device)
     # The precision the run evaluated in (bf16 autocast shifts a few predictions), so the
-    # printed accuracy is the one the training run logged.
+    # printed result is the one the training run logged.
     from rnnddp.trainer import autocast_context, resolve_precision  # here: trainer imports this module
 
     precision = resolve_precision(r.cfg.train.precision, device)
+    if r.regression:
+        from rnnddp.sine import evaluate_sine, make_splits
+
+        _, test = make_splits(data, r.cfg.seed)
+        result = evaluate_sine(
+            r.module,
+            test,
+            batch_size=r.cfg.eval.batch_size,
+            device=device,
+            autocast=autocast_context(precision, device),
+            predictions=True,
+        )
+        return {**result, "test": test, "precision": precision, "restored": r}
+    _, test = load_dataset(data.dataset, locate_dataset(data.dataset, data.root, data.cache_dir, data.download))
     result = evaluate(
         r.module,
         test,
@@ -185,24 +196,6 @@ def run_evaluation(target: str | Path, overrides: list[str]) -> dict[str, Any]:
     result["class_counts"] = totals.tolist()
     result["restored"] = r
     return result
-
-
-def _evaluate_sine_checkpoint(r: Restored, device: torch.device) -> dict[str, Any]:
-    from rnnddp.sine import evaluate_sine, make_splits
-    from rnnddp.trainer import autocast_context, resolve_precision
-
-    _, test = make_splits(r.cfg.data, r.cfg.seed)
-    precision = resolve_precision(r.cfg.train.precision, device)
-    r.module.to(device)
-    result = evaluate_sine(
-        r.module,
-        test,
-        batch_size=r.cfg.eval.batch_size,
-        device=device,
-        autocast=autocast_context(precision, device),
-        predictions=True,
-    )
-    return {**result, "test": test, "precision": precision, "restored": r}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,10 +48,6 @@ class ChunkBatches:
     state from zeros (the first chunk of a batch).
     """
 
-    view = "sine"
-    permutation = None
-    dataset = "sine"
-
     def __init__(
         self,
         split: Split,
