@@ -29,8 +29,13 @@ def main(argv: list[str]) -> int:
     info = dist.DistInfo()
     try:
         cfg = load_config(argv)
+        flushed = dist.flush_denormals(cfg.train.flush_denormals)  # before any tensor work (see there)
         info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
         setup_logging(info.is_main, info.rank)
+        if cfg.train.flush_denormals and not flushed and info.is_main:
+            logging.getLogger("rnnddp").warning(
+                "denormal floats are not flushed to zero on every CPU thread: long sequences may train slower"
+            )
         return run(cfg, info)
     except UserError as e:
         # Every rank meets the same bad input; one line from rank 0 is enough.

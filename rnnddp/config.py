@@ -56,6 +56,8 @@ class TrainConfig:
     global_batch_size: int = 128  # split evenly over ranks
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    tf32: bool = True  # CUDA (Ampere+): TF32 for fp32 matmuls and cuDNN; false = full fp32
+    flush_denormals: bool = True  # CPU: denormal floats count as zero (784-step views ~12x faster)
     log_every_steps: int = 50
     max_nonfinite: int = 3  # stop after this many consecutive non-finite losses (unless a GradScaler skips them)
     # Signals that stop the job cleanly: checkpoint at a step boundary (within 10 steps), then exit 75.

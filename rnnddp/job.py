@@ -110,6 +110,8 @@ def build_trainer(
     permutation: torch.Tensor | None = None,
 ) -> Trainer:
     """Data placement, batches, the model and the Trainer, as the job sets them up (benchmarks reuse it)."""
+    if info.device.type == "cuda":
+        dist.configure_cuda(cfg.train.tf32)
     if cfg.task == "sine_regression":
         return _build_sine_trainer(cfg, info, train_split, test_split, manager)
     device_resident = cfg.data.device_resident == "true" or (
