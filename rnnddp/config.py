@@ -47,6 +47,8 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.0  # between stacked layers
     bidirectional: bool = False
+    # > 1: LSTM/GRU gate biases by chrono initialisation for memories up to this many steps; 0: PyTorch's
+    chrono_init: int = 0
 
 
 @dataclass
@@ -168,6 +170,7 @@ POSITIVE = (
 )
 NON_NEGATIVE = (
     "train.max_steps",
+    "model.chrono_init",
     "train.grad_clip",
     "eval.every_steps",
     "checkpoint.every_steps",
@@ -305,6 +308,11 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(
                 "task=sine_regression needs a causal recurrent model: model.name=rnn, model.bidirectional=false"
             )
+    if cfg.model.chrono_init and (cfg.model.chrono_init < 2 or cfg.model.cell not in ("lstm", "gru")):
+        raise UserError(
+            "model.chrono_init needs model.cell=lstm or gru and a value >= 2 (the longest memory in steps, "
+            "e.g. 784 for the pixel views); 0 turns it off"
+        )
     if len(cfg.optim.betas) != 2:
         raise UserError("bad value for config key 'optim.betas': give two numbers, e.g. [0.9,0.999]")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from rnnddp import checkpoint, dist
 from rnnddp.checkpoint import CheckpointManager
@@ -19,7 +20,7 @@ from rnnddp.data import input_size as view_input_size
 from rnnddp.dist import DistInfo
 from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.metrics import MetricsLogger, new_run_id
-from rnnddp.models import build_model, model_args
+from rnnddp.models import build_model, chrono_init_, model_args
 from rnnddp.plots import write_plots
 from rnnddp.sine import ChunkBatches, make_splits
 from rnnddp.trainer import Trainer
@@ -100,6 +101,15 @@ def view_permutation(cfg: Config) -> torch.Tensor | None:
     return make_permutation(cfg.data.permutation_seed) if cfg.data.view == "permuted_pixels" else None
 
 
+def initial_model(cfg: Config, args: dict, device: torch.device) -> nn.Module:
+    """The network with its initial weights, identical on every rank (DDP also broadcasts them)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(args)
+    if cfg.model.chrono_init:  # initial weights only: a resume loads the checkpoint's over them
+        chrono_init_(model.rnn, cfg.model.chrono_init)
+    return model.to(device)
+
+
 def build_trainer(
     cfg: Config,
     info: DistInfo,
@@ -135,8 +145,7 @@ def build_trainer(
     )
     if input_size is None:
         input_size = view_input_size(cfg.data.view)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    model = build_model(model_args(cfg.model, input_size=input_size)).to(info.device)
+    model = initial_model(cfg, model_args(cfg.model, input_size=input_size), info.device)
     if info.device.type == "cuda" and hasattr(model, "rnn"):
         torch.backends.cudnn.enabled = True
         model.rnn.flatten_parameters()  # contiguous weights: the fused cuDNN kernel, no per-call copy
@@ -156,8 +165,7 @@ def _build_sine_trainer(
         seed=cfg.seed,
         device=info.device,
     )
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(model_args(cfg.model, task=cfg.task)).to(info.device)
+    model = initial_model(cfg, model_args(cfg.model, task=cfg.task), info.device)
     torch.manual_seed(cfg.seed + info.rank)
     return Trainer(cfg, info, model, batches, test_split.to(info.device), checkpoints=manager)
 
