@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         flushed = dist.flush_denormals(cfg.train.flush_denormals)  # before any tensor work (see there)
         info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
         setup_logging(info.is_main, info.rank)
-        if cfg.train.flush_denormals and not flushed and info.is_main:
+        if cfg.train.flush_denormals and not flushed and info.is_main and info.device.type == "cpu":
             logging.getLogger("rnnddp").warning(
                 "denormal floats are not flushed to zero on every CPU thread: long sequences may train slower"
             )

@@ -85,7 +85,7 @@ class Settings:
     ddp_steps: int
     t98_timeout_s: float
     extra: tuple[str, ...]  # --set: config overrides for rnnddp's parts (e.g. dist.grad_sync=allreduce)
-    epoch_cap_s: float  # gpu/pixel epoch: time 50 steps and extrapolate when an epoch would take longer
+    epoch_cap_s: float  # gpu/pixel epoch: extrapolate from a few timed steps when an epoch would take longer
     skip: frozenset[str]
     quick: bool
     out: Path
@@ -522,12 +522,12 @@ def epoch_part(data: tuple[Split, Split], s: Settings, tmp: Path, pixel: bool) -
     cuda = s.device.type == "cuda"
     precision = "bf16" if cuda else "fp32"
     overrides = [
+        *s.extra,  # first: the model, batch and precision below are what this part reports
         "model.cell=lstm",
         "model.hidden_size=128",
         "train.global_batch_size=256",
         f"train.precision={precision}",
         "data.device_resident=auto",
-        *s.extra,
     ]
     trainer, batches = build_rnnddp(overrides, data, s, tmp / ("pixel" if pixel else "rows"), 1 if pixel else 28)
     n = batches.steps_per_epoch
@@ -545,7 +545,7 @@ def epoch_part(data: tuple[Split, Split], s: Settings, tmp: Path, pixel: bool) -
     run(warm, warm_steps)  # cuDNN plans, allocator, fused Adam
     projected = timed(lambda: run(warm, probe), s.device) / probe * n
     out: dict[str, Any] = {"steps": n, "global_batch": 256, "hidden": 128, "precision": precision}
-    if projected <= s.epoch_cap_s:
+    if projected <= s.epoch_cap_s and n > warm_steps + probe:
         run(warm, n - warm_steps - probe)  # finish the warm-up epoch
         elapsed = timed(lambda: run(batches.epoch(1), n), s.device)
         out["timed"] = "one full epoch after a warm-up epoch"

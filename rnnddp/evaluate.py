@@ -156,7 +156,7 @@ def run_evaluation(target: str | Path, overrides: list[str]) -> dict[str, Any]:
     data = r.cfg.data
     device = _device()
     if device.type == "cuda":
-        dist.configure_cuda(r.cfg.train.tf32)  # the run's own math, so the result matches its log
+        dist.configure_cuda(r.cfg.train.tf32)  # the run's math (checkpoints from before the key: TF32 on)
     r.module.to(device)
     # The precision the run evaluated in (bf16 autocast shifts a few predictions), so the
     # printed result is the one the training run logged.
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    dist.flush_denormals()  # before any tensor work: 784-step views evaluate ~10x faster
+    dist.flush_denormals()  # before any tensor work, as the job does (train.flush_denormals)
     plots = "--no-plots" not in argv
     argv = [a for a in argv if a != "--no-plots"]
     try:

@@ -124,7 +124,7 @@ def chrono_init_(rnn: nn.Module, max_steps: int) -> None:
                 continue
             bias.zero_()
             if name.startswith("bias_hh"):
-                continue  # the two biases add up: all of it goes into bias_ih
+                continue  # the gates' biases add up (not the GRU's candidate, left at 0 anyway): all in bias_ih
             log_t = torch.empty(h).uniform_(1.0, max_steps - 1.0).log_()
             if isinstance(rnn, nn.LSTM):  # gates i, f, g, o
                 bias[h : 2 * h] = log_t

@@ -41,8 +41,9 @@ def test_run_dir_follows_name():
         (["train.precision=fp8"], "choose one of auto, fp32, bf16, fp16"),
         (["train.global_batch_size=0"], "'train.global_batch_size': must be > 0"),
         (["train.epochs"], "pass overrides as key=value"),
-        (["model.chrono_init=1"], "model.chrono_init needs model.cell=lstm or gru and a value >= 2"),
-        (["model.chrono_init=784", "model.cell=rnn"], "model.chrono_init needs model.cell=lstm or gru"),
+        (["model.chrono_init=1"], "model.chrono_init needs model.name=rnn with model.cell=lstm or gru"),
+        (["model.chrono_init=784", "model.cell=rnn"], "set model.chrono_init=0 to turn it off"),
+        (["model.chrono_init=784", "model.name=cnn"], "model.chrono_init needs model.name=rnn"),
     ],
 )
 def test_bad_config_is_one_clear_line(args, needle):

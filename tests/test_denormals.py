@@ -11,15 +11,15 @@ import torch
 
 from tests.conftest import REPO, job_env
 
-# Work large enough to run on every intra-op and BLAS thread, with denormal float32 results
-# (1.5e-39; 512 x 1e-44 in the matmul): non-zero wherever a thread does not flush.
+# Work large enough to run on every intra-op and BLAS thread, with denormal float32 results from
+# normal inputs (1e-20 x 1e-19; 512 x 1e-44 in the matmul): non-zero wherever a thread does not flush.
 PROBE = (
     "import torch; torch.set_num_threads(2)\n"
     "{before}"
     "from rnnddp.dist import flush_denormals\n"
     "ok = flush_denormals()\n"
     "a = torch.full((256, 512), 1e-22)\n"
-    "left = int((a @ a.T).count_nonzero()) + int((torch.full((1 << 21,), 1e-39) * 1.5).count_nonzero())\n"
+    "left = int((a @ a.T).count_nonzero()) + int((torch.full((1 << 21,), 1e-20) * 1e-19).count_nonzero())\n"
     "print(ok, left)\n"
 )
 

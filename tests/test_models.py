@@ -93,5 +93,10 @@ def test_chrono_init_biases():
             i, f, g, o = b.split(16)
             assert f.min() >= 0 and f.max() <= math.log(99) and f.std() > 0.5
             assert torch.equal(i, -f) and g.abs().max() == 0 and o.abs().max() == 0
+    gru = torch.nn.GRU(3, 16)
+    chrono_init_(gru, 100)
+    r, z, n = gru.bias_ih_l0.split(16)  # h' = (1 - z) * n + z * h: z is the gate that keeps
+    assert z.min() >= 0 and z.max() <= math.log(99) and z.std() > 0.5
+    assert r.abs().max() == 0 and n.abs().max() == 0 and gru.bias_hh_l0.abs().max() == 0
     with pytest.raises(ValueError, match="LSTM or GRU"):
         chrono_init_(torch.nn.RNN(3, 16), 100)
