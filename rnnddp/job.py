@@ -256,7 +256,7 @@ def run(cfg: Config, info: DistInfo) -> int:
         metric,
         trainer.last_eval[metric],
         trainer.last_eval["loss"],
-        float("nan") if trainer.best is None else trainer.best,
+        trainer.best_for_log,
     )
     return 0
 

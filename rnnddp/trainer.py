@@ -192,6 +192,11 @@ class Trainer:
             **self.extra_state,
         }
 
+    @property
+    def best_for_log(self) -> float:
+        """The best eval result so far, NaN while there is none (every result so far was NaN)."""
+        return float("nan") if self.best is None else self.best
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         # The implementation (fused or not) is this run's choice, not the checkpoint's: a file
@@ -383,7 +388,7 @@ class Trainer:
         if new_best:
             self.best = value
         self.last_eval = {"loss": loss, self.metric: value}
-        best = float("nan") if self.best is None else self.best  # None while every result was NaN
+        best = self.best_for_log
         metrics = {
             "eval/loss": loss,
             f"eval/{self.metric}": value,
