@@ -46,11 +46,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_context(precision: str, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16; ``cache=False`` where CUDA graphs are captured (they refuse its cast cache)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
@@ -150,7 +151,12 @@ class Trainer:
         self.logger = logger or MetricsLogger("", enabled=False)
         self.extra_state: dict[str, Any] = {}  # model args, config, run id: stored, not used here
         self.precision = resolve_precision(cfg.train.precision, info.device)
-        self.autocast = autocast_context(self.precision, info.device)
+        # The sine task: a hidden state carried between the chunks of a sequence, and MSE (lower
+        # is better) instead of accuracy as the metric that picks best.pt.
+        self.regression = cfg.task == "sine_regression"
+        self.cuda_graph = cfg.train.cuda_graph and self._cuda_graph_usable()
+        self._graphed = False
+        self.autocast = autocast_context(self.precision, info.device, cache=not self.cuda_graph)
         self.optimizer = build_optimizer(module, cfg.optim)
         epochs_steps = cfg.train.epochs * train.steps_per_epoch
         self.total_steps = min(epochs_steps, cfg.train.max_steps) if cfg.train.max_steps else epochs_steps
@@ -164,15 +170,38 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
-        # The sine task: a hidden state carried between the chunks of a sequence, and MSE (lower
-        # is better) instead of accuracy as the metric that picks best.pt.
-        self.regression = cfg.task == "sine_regression"
         self.metric = "mse" if self.regression else "accuracy"
         self.best: float | None = None
         self.carry: Any = None
         self.last_eval: dict[str, float] = {}
         self.last_eval_detail: dict[str, Any] = {}  # rank 0: confusion matrix and predictions (for plots)
         self._window = _Window(info.device)
+
+    def _cuda_graph_usable(self) -> bool:
+        """train.cuda_graph needs one CUDA process on the classify task; elsewhere it warns and runs eagerly."""
+        if self.info.device.type != "cuda":
+            why = "it needs a CUDA device"
+        elif self.info.distributed:
+            why = "it is not supported with several ranks (DDP) yet"
+        elif self.regression:
+            why = "the sine task's carried hidden state changes the model's call from chunk to chunk"
+        else:
+            return True
+        log.warning("train.cuda_graph=true ignored: %s; training without CUDA graphs", why)
+        return False
+
+    def _capture(self, x: torch.Tensor) -> None:
+        """Graph the module's forward and backward for this batch shape (every training batch has it).
+
+        A small LSTM's step on a GPU is bound by kernel launches, not arithmetic: replaying the
+        recorded kernels removes the launch cost. Loss, clipping and the optimiser stay eager, so
+        the LR schedule, GradScaler and checkpoints work unchanged. In eval mode the module runs
+        its ordinary forward (make_graphed_callables keeps it for the other training state).
+        """
+        with self.autocast:
+            torch.cuda.make_graphed_callables(self.module, (x,), num_warmup_iters=3)
+        self._graphed = True
+        log.info("train.cuda_graph: captured the model's forward and backward for batches of %s", tuple(x.shape))
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -244,6 +273,8 @@ class Trainer:
             self.carry = detach_state(state)  # truncated BPTT: no gradient into earlier chunks
             loss = F.mse_loss(out.float(), y)
         else:
+            if self.cuda_graph and not self._graphed:
+                self._capture(x)
             with self.autocast:
                 logits = self.model(x)
             loss = F.cross_entropy(logits.float(), y)

@@ -67,3 +67,21 @@ def test_cli_exits_2_with_one_line(args, tmp_path: Path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cuda_graph_on_a_cpu_warns_and_trains_eagerly(tmp_path: Path, mnist_root, caplog):
+    import torch
+
+    from rnnddp.checkpoint import CheckpointManager
+    from rnnddp.data import load_mnist, locate_mnist
+    from rnnddp.dist import DistInfo
+    from rnnddp.job import build_trainer
+
+    cfg = load_config([f"data.root={mnist_root}", "train.cuda_graph=true", f"run_dir={tmp_path}"])
+    data = load_mnist(locate_mnist(str(mnist_root), download=False))
+    with caplog.at_level("WARNING", logger="rnnddp"):
+        trainer = build_trainer(cfg, DistInfo(device=torch.device("cpu")), *data, CheckpointManager(tmp_path))
+    assert not trainer.cuda_graph
+    assert "train.cuda_graph=true ignored: it needs a CUDA device" in caplog.text
+    x, y = next(trainer.train.epoch(0))
+    assert torch.isfinite(trainer.train_step(x, y)) and not trainer._graphed
