@@ -1,10 +1,11 @@
 """One GPU session's worth of checks and timings: run on a CUDA machine, read what it prints.
 
-    python -m bench.gpu_check --root ../shared/data --out bench_results/gpu_check.json
+    python -m bench.gpu_check --out bench_results/gpu_check.json
 
 Reports: versions and card; whether the LSTM takes cuDNN's fused kernel; which dtype the LSTM
 really runs in under bf16/fp16 autocast; training-step throughput for each precision (rows
-and pixel MNIST); and epoch times. Figures only, no asserts: the tests assert behaviour.
+and pixel MNIST); and epoch times (the job's own step, with and without train.cuda_graph, is timed by
+bench.throughput). Figures only, no asserts: the tests assert behaviour.
 """
 
 from __future__ import annotations
@@ -91,56 +92,6 @@ def step_throughput(
     return {"steps_per_s": round(sps, 1), "samples_per_s": round(sps * batch), "epoch_s": round(60000 / batch / sps, 3)}
 
 
-def graphed_step_throughput(hidden: int, batch: int, steps: int, tf32: bool = True) -> dict:
-    """fp32 (TF32) steps/s with the whole step (forward, backward, fused AdamW) as one CUDA graph.
-
-    An experiment for the launch-bound GPU path (not used by the job yet): replaying a graph
-    removes the per-kernel launch cost that dominates LSTM-128 at batch 256. Follows the
-    whole-network capture recipe of the CUDA graphs notes (warm-up on a side stream,
-    ``capturable`` optimiser, static input buffers). Compare with rows_h128_b256_fp32_tf32.
-    """
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    model = build_model(_args(hidden)).cuda()
-    model.rnn.flatten_parameters()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
-    xs = torch.rand(8, batch, 28, 28, device="cuda")
-    ys = torch.randint(0, 10, (8, batch), device="cuda")
-    static_x, static_y = xs[0].clone(), ys[0].clone()
-
-    def step() -> torch.Tensor:
-        loss = F.cross_entropy(model(static_x), static_y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step()
-
-    def run(n: int) -> None:
-        for i in range(n):
-            static_x.copy_(xs[i % 8], non_blocking=True)
-            static_y.copy_(ys[i % 8], non_blocking=True)
-            graph.replay()
-
-    run(10)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    run(steps)
-    torch.cuda.synchronize()
-    sps = steps / (time.perf_counter() - t)
-    return {"steps_per_s": round(sps, 1), "samples_per_s": round(sps * batch), "epoch_s": round(60000 / batch / sps, 3)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_results/gpu_check.json")
@@ -173,11 +124,6 @@ def main() -> None:
         steps = a.steps // 4 if "pixels" in name else a.steps
         table[name] = step_throughput(steps=steps, **kw)
         print(f"{name:32s} {table[name]}", flush=True)
-    try:
-        table["rows_h128_b256_fp32_tf32_cuda_graph"] = graphed_step_throughput(hidden=128, batch=256, steps=a.steps)
-    except Exception as e:  # an experiment: report why it failed, keep the other figures
-        table["rows_h128_b256_fp32_tf32_cuda_graph"] = {"error": str(e).splitlines()[0][:300]}
-    print(f"{'rows_h128_b256_fp32_tf32_cuda_graph':32s} {table['rows_h128_b256_fp32_tf32_cuda_graph']}", flush=True)
     report["model_only"] = table
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2))

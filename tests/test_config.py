@@ -84,4 +84,4 @@ def test_cuda_graph_on_a_cpu_warns_and_trains_eagerly(tmp_path: Path, mnist_root
     assert not trainer.cuda_graph
     assert "train.cuda_graph=true ignored: it needs a CUDA device" in caplog.text
     x, y = next(trainer.train.epoch(0))
-    assert torch.isfinite(trainer.train_step(x, y)) and not trainer._graphed
+    assert torch.isfinite(trainer.train_step(x, y)) and trainer._graph is None

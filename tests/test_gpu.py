@@ -84,18 +84,29 @@ def _trainer(mnist_root: Path, run_dir: Path, overrides: list[str]):
     return trainer
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_graph_steps_match_eager_steps(tmp_path: Path, mnist_root, precision):
-    """The graphed forward/backward must train exactly like the eager one: same batches, same weights after.
+@pytest.mark.parametrize(
+    ("precision", "model"),
+    [
+        ("fp32", []),
+        ("bf16", []),
+        ("bf16", ["model.cell=gru"]),
+        ("bf16", ["model.num_layers=2", "model.bidirectional=true"]),
+        ("fp16", ["model.name=cnn"]),
+    ],
+    ids=["lstm-fp32", "lstm-bf16", "gru-bf16", "bilstm2-bf16", "cnn-fp16"],
+)
+def test_cuda_graph_steps_match_eager_steps(tmp_path: Path, mnist_root, precision, model):
+    """The graphed step must train exactly like the eager one: same batches, same weights after.
 
-    Stale inputs (a replay reading the capture batch), gradients not reaching the optimiser, or a
-    graph that does not run at all each make the weights or the capture flag differ.
+    Stale inputs (a replay reading the capture batch), a stale LR, clipping or loss scaling left
+    out of the graph, or a graph that does not run at all each make the losses or weights differ.
     """
     common = [
         f"train.precision={precision}",
         "train.global_batch_size=256",
         "model.hidden_size=128",
-        "sched.name=constant",
+        "train.max_steps=40",  # the one-cycle LR changes at every step: a stale LR in the graph shows
+        *model,
     ]
     eager = _trainer(mnist_root, tmp_path / "eager", common)
     graphed = _trainer(mnist_root, tmp_path / "graph", [*common, "train.cuda_graph=true"])
@@ -104,8 +115,8 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path: Path, mnist_root, precisio
     for name, trainer in (("eager", eager), ("graph", graphed)):
         for _, (x, y) in zip(range(40), trainer.train.epoch(0), strict=False):
             losses[name].append(trainer.train_step(x, y).item())
-    assert graphed._graphed
-    assert losses["graph"][-1] < losses["graph"][0] * 0.6  # it learns (2.30 -> 0.82 on a CPU, eagerly)
+    assert graphed._graph is not None
+    assert losses["graph"][-1] < losses["graph"][0] * 0.8  # it learns
     torch.testing.assert_close(torch.tensor(losses["graph"]), torch.tensor(losses["eager"]), rtol=2e-3, atol=2e-3)
     for (name, a), b in zip(eager.module.named_parameters(), graphed.module.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
@@ -118,7 +129,7 @@ def test_cuda_graph_job_trains_saves_and_resumes(tmp_path: Path, mnist_root):
     run = tmp_path / "graph"
     args = [f"data.root={mnist_root}", "train.cuda_graph=true", "wandb.mode=disabled", f"run_dir={run}"]
     first = run_job([*args, "train.max_steps=300", "checkpoint.every_steps=150"])
-    assert "captured the model's forward and backward" in first.stdout
+    assert "captured the training step" in first.stdout
     assert final_eval(run)["eval/accuracy"] > 0.9
     # Resume from the step-150 checkpoint into a new run: the graph is captured after the load.
     again = run_job(
