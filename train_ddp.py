@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    dist.stop_with_launcher()
     info = dist.DistInfo()
     try:
         cfg = load_config(argv)

@@ -7,8 +7,11 @@ and runs as one process without a process group. Rank checks live here, nowhere 
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +78,25 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
         if backend == "nccl":
             info.cpu_group = dist.new_group(backend="gloo")
     return info
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun (and ``accelerate launch``), get SIGTERM from the kernel when the launcher dies.
+
+    torchrun starts each worker in a session of its own, so when torchrun alone is killed (the
+    OOM killer, a hard kill by a scheduler) the workers would train on as orphans, still writing
+    checkpoints into the run directory that a restarted job writes too. With this they stop as on
+    any SIGTERM: a checkpoint at the next step boundary, exit 75. Linux only; a plain
+    ``python train_ddp.py`` is left alone (it may be meant to outlive its shell).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not permitted here: the job runs as before
+    if os.getppid() != launcher:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def flush_denormals(enabled: bool = True) -> bool:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,6 +106,40 @@ def _workers(torchrun_pid: int) -> dict[int, int]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: Any, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while any(_alive(p) for p in pids):
+        if time.time() > deadline:
+            raise AssertionError(f"worker processes {[p for p in pids if _alive(p)]} still running")
+        time.sleep(0.05)
+
+
+def test_workers_stop_with_a_checkpoint_when_torchrun_alone_is_killed(tmp_path: Path, mnist_root, reference):
+    """torchrun starts each worker in its own session: with torchrun SIGKILLed (an OOM kill, say), they
+    must not train on as orphans writing into the run directory; they stop as on SIGTERM."""
+    run = tmp_path / "run"
+    args = [*ARGS, f"data.root={mnist_root}", f"run_dir={run}"]
+    proc = _start(args)
+    _wait_for_step(run, 15, proc)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(proc.pid, signal.SIGKILL)  # torchrun alone
+    proc.wait(timeout=30)
+    _wait_gone(workers.values())
+    stop = [m for m in read_metrics(run) if m.get("event") == "stopped"]
+    assert len(stop) == 1 and 15 <= stop[0]["step"] < STEPS, stop
+    assert latest_state(run)["global_step"] == stop[0]["step"]
+    run_job(args, nproc=2)
+    _assert_same_as(reference, run)
+
+
 def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path: Path, mnist_root, reference):
     rng = random.Random()
     # The kill must land before the job's last step; on a loaded machine the poll can lag, so
@@ -116,8 +151,12 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path: Pa
         args = [*ARGS, f"data.root={mnist_root}", f"run_dir={run}"]
         proc = _start(args)
         _wait_for_step(run, kill_after, proc)
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, no chance to save
+        workers = _workers(proc.pid)  # in sessions of their own: killpg(torchrun) misses them
+        for pid in workers.values():
+            os.kill(pid, signal.SIGKILL)  # no chance to save
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        _wait_gone(workers.values())
         if latest_state(run)["global_step"] < STEPS:
             break
     else:
