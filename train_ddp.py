@@ -12,6 +12,10 @@ Exit codes: 0 done (or already finished), 75 stopped by a signal after a checkpo
 
 from __future__ import annotations
 
+import os
+
+LAUNCHER_PID = os.getppid()  # before the slow imports: a launcher that dies during them still counts
+
 import logging
 import sys
 
@@ -26,10 +30,10 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    dist.stop_with_launcher()
     info = dist.DistInfo()
     try:
         cfg = load_config(argv)
+        dist.stop_with_launcher(LAUNCHER_PID, list(cfg.train.stop_signals))
         flushed = dist.flush_denormals(cfg.train.flush_denormals)  # before any tensor work (see there)
         info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
         setup_logging(info.is_main, info.rank)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and timing this repo has, in one go (about 6 minutes on an H100/H200, at most 10):
+# Every GPU check and timing this repo has, in one go (under 5 minutes on an H100; the steps'
+# time limits add up to 11 minutes):
 #   bash bench/gpu_session.sh DATA_ROOT [OUT_DIR]
 # DATA_ROOT holds MNIST/raw. Writes OUT_DIR/session.log and the benchmarks' JSON files; each
 # step has a time limit, and a failed step does not stop the ones after it.

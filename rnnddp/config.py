@@ -60,7 +60,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     tf32: bool = True  # CUDA (Ampere+): TF32 for fp32 matmuls and cuDNN; false = full fp32
     flush_denormals: bool = True  # CPU: denormal floats count as zero (784-step views up to ~11x faster)
-    cuda_graph: bool = False  # CUDA, one process: the model's forward and backward replayed as CUDA graphs
+    cuda_graph: bool = False  # CUDA, one process, classify: the whole training step replayed as a CUDA graph
     log_every_steps: int = 50
     max_nonfinite: int = 3  # stop after this many consecutive non-finite losses (unless a GradScaler skips them)
     # Signals that stop the job cleanly: checkpoint at a step boundary (within 10 steps), then exit 75.

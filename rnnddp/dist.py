@@ -80,23 +80,25 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     return info
 
 
-def stop_with_launcher() -> None:
-    """Under torchrun (and ``accelerate launch``), get SIGTERM from the kernel when the launcher dies.
+def stop_with_launcher(launcher_pid: int, stop_signals: list[str]) -> None:
+    """Under torchrun (or a multi-process ``accelerate launch``), get a stop signal when the launcher dies.
 
     torchrun starts each worker in a session of its own, so when torchrun alone is killed (the
     OOM killer, a hard kill by a scheduler) the workers would train on as orphans, still writing
-    checkpoints into the run directory that a restarted job writes too. With this they stop as on
-    any SIGTERM: a checkpoint at the next step boundary, exit 75. Linux only; a plain
-    ``python train_ddp.py`` is left alone (it may be meant to outlive its shell).
+    checkpoints into the run directory that a restarted job writes too. With this the kernel
+    sends the first of ``train.stop_signals`` (SIGTERM if none), and training stops as on that
+    signal: a checkpoint at the next step boundary, exit 75. ``launcher_pid`` is the parent's pid
+    read at process start, before the slow imports. Linux only; a plain ``python train_ddp.py`` is
+    left alone (it may be meant to outlive its shell).
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    launcher = os.getppid()
+    sig = signal.Signals[str(stop_signals[0])] if stop_signals else signal.SIGTERM
     pr_set_pdeathsig = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig, 0, 0, 0) != 0:
         return  # not permitted here: the job runs as before
-    if os.getppid() != launcher:  # the launcher died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+    if os.getppid() != launcher_pid:  # the launcher died before the request was in place
+        os.kill(os.getpid(), sig)
 
 
 def flush_denormals(enabled: bool = True) -> bool:

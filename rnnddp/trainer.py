@@ -209,7 +209,8 @@ class Trainer:
         """The whole classify step (forward, backward, unscale, clip, AdamW, scaler update) as one CUDA graph.
 
         A small LSTM's step on a GPU is bound by kernel launches, not arithmetic: replaying the
-        recorded kernels removes that cost (LSTM-128, batch 256: ~0.65 s an epoch eagerly).
+        recorded kernels removes that cost (LSTM-128, batch 256, bf16 on an H100: 0.65-0.83 s an epoch
+        eagerly, 0.10 s graphed).
         The first step runs eagerly (it creates the optimiser and scaler state the graph reads
         and writes in place); the second captures; every later one copies its batch into the
         graph's input buffers, writes this step's LR into the buffer the fused AdamW reads, and
@@ -226,7 +227,7 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, self._lr, strict=True):
             lr.fill_(group["lr"])
         self._graph.replay()
-        return self._static_loss
+        return self._static_loss.clone()  # the next replay overwrites the graph's own
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._static = (x.clone(), y.clone())

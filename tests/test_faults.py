@@ -121,11 +121,14 @@ def _wait_gone(pids: Any, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_workers_stop_with_a_checkpoint_when_torchrun_alone_is_killed(tmp_path: Path, mnist_root, reference):
+@pytest.mark.parametrize("signals", [None, "[SIGUSR1]"])
+def test_workers_stop_with_a_checkpoint_when_torchrun_alone_is_killed(tmp_path: Path, mnist_root, reference, signals):
     """torchrun starts each worker in its own session: with torchrun SIGKILLed (an OOM kill, say), they
-    must not train on as orphans writing into the run directory; they stop as on SIGTERM."""
+    must not train on as orphans writing into the run directory; they stop as on the first stop signal."""
     run = tmp_path / "run"
     args = [*ARGS, f"data.root={mnist_root}", f"run_dir={run}"]
+    if signals:
+        args.append(f"train.stop_signals={signals}")
     proc = _start(args)
     _wait_for_step(run, 15, proc)
     workers = _workers(proc.pid)
@@ -135,6 +138,7 @@ def test_workers_stop_with_a_checkpoint_when_torchrun_alone_is_killed(tmp_path: 
     _wait_gone(workers.values())
     stop = [m for m in read_metrics(run) if m.get("event") == "stopped"]
     assert len(stop) == 1 and 15 <= stop[0]["step"] < STEPS, stop
+    assert stop[0]["signal"] == ("SIGUSR1" if signals else "SIGTERM")
     assert latest_state(run)["global_step"] == stop[0]["step"]
     run_job(args, nproc=2)
     _assert_same_as(reference, run)
