@@ -74,6 +74,22 @@ def run_job(
     return proc
 
 
+def in_process_trainer(mnist_root: Path, run_dir: Path, overrides: list[str], device: str = "cpu"):
+    """A single-process Trainer built as the job builds it (rnnddp.job.build_trainer), in this process."""
+    from rnnddp.checkpoint import CheckpointManager
+    from rnnddp.config import load_config
+    from rnnddp.data import load_mnist, locate_mnist
+    from rnnddp.dist import DistInfo
+    from rnnddp.job import build_trainer
+
+    cfg = load_config([f"data.root={mnist_root}", "wandb.mode=disabled", f"run_dir={run_dir}", *overrides])
+    data = load_mnist(locate_mnist(str(mnist_root), download=False))
+    info = DistInfo(device=torch.device(device))
+    trainer = build_trainer(cfg, info, *data, CheckpointManager(run_dir, writer=False))
+    trainer.module.train()
+    return trainer
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from rnnddp.config import DEFAULT_CONFIG, Config, load_config
 from rnnddp.errors import UserError
-from tests.conftest import run_job
+from tests.conftest import in_process_trainer, run_job
 
 
 def test_default_yaml_lists_exactly_the_schema_defaults():
@@ -72,15 +72,8 @@ def test_cli_exits_2_with_one_line(args, tmp_path: Path):
 def test_cuda_graph_on_a_cpu_warns_and_trains_eagerly(tmp_path: Path, mnist_root, caplog):
     import torch
 
-    from rnnddp.checkpoint import CheckpointManager
-    from rnnddp.data import load_mnist, locate_mnist
-    from rnnddp.dist import DistInfo
-    from rnnddp.job import build_trainer
-
-    cfg = load_config([f"data.root={mnist_root}", "train.cuda_graph=true", f"run_dir={tmp_path}"])
-    data = load_mnist(locate_mnist(str(mnist_root), download=False))
     with caplog.at_level("WARNING", logger="rnnddp"):
-        trainer = build_trainer(cfg, DistInfo(device=torch.device("cpu")), *data, CheckpointManager(tmp_path))
+        trainer = in_process_trainer(mnist_root, tmp_path, ["train.cuda_graph=true"])
     assert not trainer.cuda_graph
     assert "train.cuda_graph=true ignored: it needs a CUDA device" in caplog.text
     x, y = next(trainer.train.epoch(0))

@@ -8,8 +8,8 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -113,7 +113,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_gone(pids: Any, timeout: float = 60) -> None:
+def _wait_gone(pids: Iterable[int], timeout: float = 60) -> None:
+    pids = list(pids)
     deadline = time.time() + timeout
     while any(_alive(p) for p in pids):
         if time.time() > deadline:

@@ -10,7 +10,7 @@ import torch
 
 from rnnddp.models import build_model
 from rnnddp.trainer import autocast_context
-from tests.conftest import final_eval, latest_state, run_job
+from tests.conftest import final_eval, in_process_trainer, latest_state, run_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ARGS = dict(cell="lstm", input_size=28, hidden_size=128, num_layers=1, dropout=0.0, bidirectional=False, num_classes=10)
@@ -69,21 +69,6 @@ def test_nccl_job_trains_under_torchrun(tmp_path: Path, mnist_root, precision):
         assert state["scaler"]["scale"] > 0  # the GradScaler ran and its state was saved
 
 
-def _trainer(mnist_root: Path, run_dir: Path, overrides: list[str]):
-    """A single-process Trainer built as the job builds it."""
-    from rnnddp.checkpoint import CheckpointManager
-    from rnnddp.config import load_config
-    from rnnddp.data import load_mnist, locate_mnist
-    from rnnddp.dist import DistInfo
-    from rnnddp.job import build_trainer
-
-    cfg = load_config([f"data.root={mnist_root}", "wandb.mode=disabled", f"run_dir={run_dir}", *overrides])
-    data = load_mnist(locate_mnist(str(mnist_root), download=False))
-    trainer = build_trainer(cfg, DistInfo(device=torch.device("cuda")), *data, CheckpointManager(run_dir, writer=False))
-    trainer.module.train()
-    return trainer
-
-
 @pytest.mark.parametrize(
     ("precision", "model"),
     [
@@ -108,8 +93,8 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path: Path, mnist_root, precisio
         "train.max_steps=40",  # the one-cycle LR changes at every step: a stale LR in the graph shows
         *model,
     ]
-    eager = _trainer(mnist_root, tmp_path / "eager", common)
-    graphed = _trainer(mnist_root, tmp_path / "graph", [*common, "train.cuda_graph=true"])
+    eager = in_process_trainer(mnist_root, tmp_path / "eager", common, "cuda")
+    graphed = in_process_trainer(mnist_root, tmp_path / "graph", [*common, "train.cuda_graph=true"], "cuda")
     assert graphed.cuda_graph and not eager.cuda_graph
     losses = {"eager": [], "graph": []}
     for name, trainer in (("eager", eager), ("graph", graphed)):
