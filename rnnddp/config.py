@@ -1,42 +1,34 @@
 """Typed job configuration: schema defaults < YAML file < command-line dotlist.
 
-Each section is a dataclass; components receive only their own section
-(``build_model(cfg.model)``, ``CheckpointManager(..., cfg.checkpoint)``).
+Each section is a dataclass; each task adds its own section (``rnnddp.tasks``). ``load_config``
+returns a ``Config`` object (plain dataclasses, not OmegaConf nodes), and components receive
+only their own section. Allowed values of the choice keys come from the registries that define
+them (tasks, models, views, data sets, precisions, optimisers, schedules).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from rnnddp.dist import BACKENDS, GRAD_SYNC
 from rnnddp.errors import UserError
+from rnnddp.metrics import WANDB_MODES
+from rnnddp.models import CELLS, CLASSIFIERS
+from rnnddp.tasks import TASKS
+from rnnddp.train.optim import OPTIMIZERS, SCHEDULES
+from rnnddp.train.precision import PRECISIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "mnist"  # mnist | fashion_mnist | kmnist
-    root: str = "data"  # holds MNIST/raw/ (FashionMNIST/raw/, KMNIST/raw/); downloaded there when absent and online
-    cache_dir: str = ""  # where .gz-only copies are extracted; "" = ~/.cache/rnnddp
-    download: bool = True
-    normalize: bool = False  # mean/std normalisation on top of the [0, 1] scaling
-    num_workers: int = 0  # batches are tensor slices, so no worker processes are needed
-    device_resident: str = "auto"  # auto | true | false: keep the training set on the GPU
-    view: str = "rows"  # rows | columns | pixels | permuted_pixels: how an image becomes a sequence
-    permutation_seed: int = 0  # permuted_pixels: the fixed pixel order (same on every rank)
-    # task=sine_regression: sequences of sin(t) -> cos(t) with random phases, 10 steps per pi.
-    sine_sequences: int = 2048  # training sequences (sharded over ranks by the sampler)
-    sine_test_sequences: int = 256  # held-out sequences (a fixed set, whatever the seed)
-    sine_length: int = 200  # steps per sequence: a multiple of chunk_len
-    chunk_len: int = 10  # steps per optimiser step; the hidden state carries over (truncated BPTT)
 
 
 @dataclass
@@ -60,7 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     tf32: bool = True  # CUDA (Ampere+): TF32 for fp32 matmuls and cuDNN; false = full fp32
     flush_denormals: bool = True  # CPU: denormal floats count as zero (784-step views up to ~11x faster)
-    cuda_graph: bool = False  # CUDA, one process, classify: the whole training step replayed as a CUDA graph
+    cuda_graph: bool = False  # CUDA, one process: the whole training step replayed as a CUDA graph
     log_every_steps: int = 50
     max_nonfinite: int = 3  # stop after this many consecutive non-finite losses (unless a GradScaler skips them)
     # Signals that stop the job cleanly: checkpoint at a step boundary (within 10 steps), then exit 75.
@@ -86,7 +78,7 @@ class SchedConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # > 0: also evaluate every N steps (always after each epoch)
+    every_steps: int = 0  # > 0: also validate every N steps (always after each epoch)
     batch_size: int = 1000
 
 
@@ -122,13 +114,16 @@ class DebugConfig:
 
 
 @dataclass
-class Config:
+class JobConfig:
     seed: int = 0
     name: str = "default"
     run_dir: str | None = None  # defaults to runs/<name>
     resume: str = "auto"  # auto | none | PATH to a checkpoint
-    task: str = "classify"  # classify (a label per image) | sine_regression (cos(t) from sin(t), per step)
-    data: DataConfig = field(default_factory=DataConfig)
+    task: str = "classify"  # a name in rnnddp.tasks.TASKS
+
+
+@dataclass
+class TrainingConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -140,19 +135,34 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
+def _field(f: dataclasses.Field) -> tuple[str, Any, Any]:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.name, f.type, field(default_factory=f.default_factory)
+    return f.name, f.type, field(default=f.default)
+
+
+# The whole schema: the job's keys, each task's section (from the registry), then the training sections.
+Config: Any = dataclasses.make_dataclass(
+    "Config",
+    [
+        *(_field(f) for f in dataclasses.fields(JobConfig)),
+        *((t.section, t.Section, field(default_factory=t.Section)) for t in TASKS.values()),
+        *(_field(f) for f in dataclasses.fields(TrainingConfig)),
+    ],
+)
+Config.__module__ = __name__  # its annotations (strings) resolve in this module
+
 CHOICES = {
-    "task": ("classify", "sine_regression"),
-    "data.dataset": ("mnist", "fashion_mnist", "kmnist"),
-    "data.view": ("rows", "columns", "pixels", "permuted_pixels"),
-    "model.name": ("rnn", "cnn"),
-    "data.device_resident": ("auto", "true", "false"),
-    "model.cell": ("lstm", "gru", "rnn"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "optim.name": ("adamw", "adam", "sgd"),
-    "sched.name": ("constant", "cosine", "onecycle"),
-    "wandb.mode": ("auto", "online", "offline", "disabled"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "dist.grad_sync": ("auto", "allreduce", "allgather"),
+    "task": tuple(TASKS),
+    **{key: values for t in TASKS.values() for key, values in t.choices.items()},
+    "model.name": tuple(CLASSIFIERS),
+    "model.cell": tuple(CELLS),
+    "train.precision": PRECISIONS,
+    "optim.name": OPTIMIZERS,
+    "sched.name": SCHEDULES,
+    "wandb.mode": WANDB_MODES,
+    "dist.backend": BACKENDS,
+    "dist.grad_sync": GRAD_SYNC,
 }
 POSITIVE = (
     "train.epochs",
@@ -164,10 +174,6 @@ POSITIVE = (
     "checkpoint.keep",
     "dist.timeout_s",
     "optim.lr",
-    "data.sine_sequences",
-    "data.sine_test_sequences",
-    "data.sine_length",
-    "data.chunk_len",
 )
 NON_NEGATIVE = (
     "train.max_steps",
@@ -177,12 +183,19 @@ NON_NEGATIVE = (
     "checkpoint.every_steps",
     "optim.weight_decay",
     "sched.warmup_steps",
-    "data.num_workers",
     "train.max_nonfinite",
     "debug.fail_at_step",
     "debug.fail_rank",
     "debug.nonfinite_from_step",
 )
+# Keys of earlier versions -> their place now (None: dropped), applied to a checkpoint's stored config.
+MOVED = {
+    "data.sine_sequences": "sine.sequences",
+    "data.sine_test_sequences": "sine.test_sequences",
+    "data.sine_length": "sine.length",
+    "data.chunk_len": "sine.chunk_len",
+    "data.num_workers": None,
+}
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -210,7 +223,7 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
-        known = [k for k in _all_keys(OmegaConf.structured(Config))]
+        known = _all_keys(OmegaConf.structured(Config))
         close = difflib.get_close_matches(str(key), known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown config key {key!r}{hint}; the keys are listed in configs/default.yaml"
@@ -228,8 +241,8 @@ def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def load_config(argv: list[str]) -> Config:
-    """Build the job's config from the command line (raises UserError with one line)."""
+def load_config(argv: list[str]) -> Any:
+    """Build the job's Config from the command line (raises UserError with one line)."""
     config_path, overrides = split_args(argv)
     path = Path(config_path) if config_path else DEFAULT_CONFIG
     if not path.is_file():
@@ -243,17 +256,16 @@ def load_config(argv: list[str]) -> Config:
         cfg = OmegaConf.merge(cfg, file_cfg)
     except OmegaConfBaseException as e:
         raise UserError(f"{_explain(e)} (in {path})") from None
-    cfg = _with_overrides(cfg, overrides)
-    if not cfg.run_dir:
-        cfg.run_dir = os.path.join("runs", cfg.name)
-    return cfg  # type: ignore[return-value]  # a DictConfig typed as Config
+    return _with_overrides(cfg, overrides)
 
 
-def from_saved(saved: dict, overrides: list[str]) -> Config:
+def from_saved(saved: dict, overrides: list[str]) -> Any:
     """A checkpoint's stored config (a plain dict) over the schema defaults, then ``key=value`` overrides.
 
-    Keys added to the schema after the checkpoint was written take their defaults (e.g. MNIST rows).
+    Keys added to the schema after the checkpoint was written take their defaults (e.g. MNIST rows);
+    keys that moved since (``MOVED``) are read from their old place.
     """
+    saved = migrate(saved)
     cfg = OmegaConf.structured(Config)
     try:
         cfg = OmegaConf.merge(cfg, saved)
@@ -265,28 +277,51 @@ def from_saved(saved: dict, overrides: list[str]) -> Config:
     return _with_overrides(cfg, overrides)
 
 
-def _with_overrides(cfg: DictConfig, overrides: list[str]) -> Config:
-    """Merge ``key=value`` overrides, resolve interpolations and validate (one-line errors)."""
+def migrate(saved: dict) -> dict:
+    """A stored config with the keys of earlier versions moved to where they are now."""
+    tree = OmegaConf.create(saved)
+    for old, new in MOVED.items():
+        value = OmegaConf.select(tree, old)
+        if value is None:
+            continue
+        section, key = old.split(".")
+        del tree[section][key]
+        if new is not None:
+            OmegaConf.update(tree, new, value, force_add=True)
+    return OmegaConf.to_container(tree)  # type: ignore[return-value]
+
+
+def _with_overrides(cfg: DictConfig, overrides: list[str]) -> Any:
+    """Merge ``key=value`` overrides, resolve interpolations, validate (one-line errors) and make the object."""
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise UserError(_explain(e)) from None
-    validate(cfg)
-    return cfg  # type: ignore[return-value]  # a DictConfig typed as Config
-
-
-def validate(cfg: DictConfig) -> None:
     for key, choices in CHOICES.items():
         value = str(OmegaConf.select(cfg, key)).lower()
         if value not in choices:
             raise UserError(f"bad value for config key {key!r}: {value!r}; choose one of {', '.join(choices)}")
         OmegaConf.update(cfg, key, value)  # the code compares lower-case names: Sine_Regression works too
+    if not cfg.run_dir:
+        cfg.run_dir = os.path.join("runs", cfg.name)
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
     for key in POSITIVE:
-        if OmegaConf.select(cfg, key) <= 0:
+        if _get(cfg, key) <= 0:
             raise UserError(f"bad value for config key {key!r}: must be > 0")
     for key in NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
+        if _get(cfg, key) < 0:
             raise UserError(f"bad value for config key {key!r}: must be >= 0")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise UserError("bad value for config key 'model.dropout': must be in [0, 1)")
@@ -297,18 +332,6 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(
                 f"bad value for config key 'train.stop_signals': {name!r} is not a signal name (e.g. SIGTERM)"
             )
-    if cfg.model.name == "cnn" and cfg.data.view not in ("rows", "columns"):
-        raise UserError(f"model.name=cnn needs a 2-D image: data.view must be rows or columns, not {cfg.data.view!r}")
-    if cfg.task == "sine_regression":
-        if cfg.data.sine_length % cfg.data.chunk_len:
-            raise UserError(
-                f"data.sine_length={cfg.data.sine_length} is not a multiple of data.chunk_len={cfg.data.chunk_len}; "
-                "make it one"
-            )
-        if cfg.model.name != "rnn" or cfg.model.bidirectional:
-            raise UserError(
-                "task=sine_regression needs a causal recurrent model: model.name=rnn, model.bidirectional=false"
-            )
     chrono = cfg.model.chrono_init
     if chrono and (chrono < 2 or cfg.model.name != "rnn" or cfg.model.cell not in ("lstm", "gru")):
         raise UserError(
@@ -317,12 +340,13 @@ def validate(cfg: DictConfig) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise UserError("bad value for config key 'optim.betas': give two numbers, e.g. [0.9,0.999]")
+    TASKS[cfg.task].validate(cfg)
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(cfg)
+def to_dict(cfg: Any) -> dict:
+    """The config as plain Python types (safe to store in a checkpoint)."""
+    return dataclasses.asdict(cfg)
 
 
-def to_dict(cfg: Config) -> dict:
-    """The resolved config as plain Python types (safe to store in a checkpoint)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))

@@ -250,8 +250,24 @@ allgather_mean_hook.__annotations__["bucket"] = dist.GradBucket
 allgather_mean_hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
+GRAD_SYNC = ("auto", "allreduce", "allgather")  # dist.grad_sync
+BACKENDS = ("auto", "nccl", "gloo")  # dist.backend
+
+
 def grad_sync_mode(mode: str, info: DistInfo) -> str:
     """allreduce | allgather for ``dist.grad_sync``; auto picks allgather on gloo with at most 4 ranks."""
     if mode == "auto":
         return "allgather" if info.backend == "gloo" and info.world_size <= 4 else "allreduce"
     return mode
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, grad_sync: str = "auto") -> torch.nn.Module:
+    """The module DDP-wrapped when there are several ranks (with the gradient exchange ``grad_sync`` picks)."""
+    if not info.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    if grad_sync_mode(grad_sync, info) == "allgather":
+        model.register_comm_hook(None, allgather_mean_hook)
+    return model

@@ -1,34 +1,42 @@
-"""Wiring: config -> run directory and resume point -> data -> model -> trainer -> logs."""
+"""Wiring only: look the task up, build the parts, train, test the final model, report.
+
+``build_trainer`` is the one construction path: the job, the benchmarks and the tests build
+the model, optimiser, schedule, precision, step and trainer through it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from torch import nn
 
 from rnnddp import checkpoint, dist
 from rnnddp.checkpoint import CheckpointManager
-from rnnddp.config import Config, to_dict, to_yaml
-from rnnddp.data import Split, TrainBatches, load_dataset, locate_dataset, make_permutation
-from rnnddp.data import input_size as view_input_size
+from rnnddp.config import to_dict, to_yaml
 from rnnddp.dist import DistInfo
 from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.metrics import MetricsLogger, new_run_id
-from rnnddp.models import build_model, chrono_init_, model_args
+from rnnddp.models import initial_model, place
 from rnnddp.plots import write_plots
-from rnnddp.sine import ChunkBatches, make_splits
-from rnnddp.trainer import Trainer
+from rnnddp.tasks import TASKS, Splits, Task
+from rnnddp.train import cuda_graph, faults
+from rnnddp.train.optim import build_optimizer, build_scheduler, total_steps
+from rnnddp.train.precision import Precision, resolve_precision
+from rnnddp.train.step import TrainStep
+from rnnddp.train.trainer import Trainer
 
 log = logging.getLogger("rnnddp")
+# Checkpoints carry this; 2 = trained without the validation split's samples, task settings in
+# their own sections. Earlier ones evaluate, but do not resume.
+CHECKPOINT_FORMAT = 2
 
 
-def find_resume_point(cfg: Config, manager: CheckpointManager) -> Path | None:
+def find_resume_point(cfg: Any, manager: CheckpointManager) -> Path | None:
     """The checkpoint to continue from, per ``cfg.resume`` (auto | none | PATH)."""
     if cfg.resume == "none":
         if manager.step_files():
@@ -48,7 +56,20 @@ def find_resume_point(cfg: Config, manager: CheckpointManager) -> Path | None:
     return path
 
 
-def check_compatible(state: dict[str, Any], args: dict, path: Path) -> None:
+def check_resumable(state: dict[str, Any], cfg: Any, task: Task, args: dict, path: Path) -> None:
+    """Refuse a checkpoint of another format, task, model or data before anything is written."""
+    if state.get("format", 1) < CHECKPOINT_FORMAT:
+        raise UserError(
+            f"checkpoint {path} was written before the validation split existed (its training set held the "
+            "validation images), so it cannot be resumed; evaluate it with rnnddp-evaluate, or start a new run "
+            "with another name="
+        )
+    saved_task = (state.get("config") or {}).get("task")
+    if saved_task != cfg.task:
+        raise UserError(
+            f"checkpoint {path} was trained for task={saved_task}, the config says {cfg.task}; "
+            "start a new run with another name="
+        )
     saved = state.get("model_args")
     if saved != args:
         diff = {k: (saved.get(k) if saved else None, v) for k, v in args.items() if not saved or saved.get(k) != v}
@@ -57,151 +78,117 @@ def check_compatible(state: dict[str, Any], args: dict, path: Path) -> None:
             f"checkpoint {path} is for a different model ({detail}); match the config to it, "
             "or start a new run with another name= (or resume=none in an empty run_dir)"
         )
+    task.check_resume(state, path)
 
 
-def check_same_data(state: dict[str, Any], cfg: Config, permutation: torch.Tensor | None, path: Path) -> None:
-    """Refuse to resume a checkpoint under another data set, view or pixel order (same shapes, other task)."""
-    saved_cfg = state.get("config") or {}
-    if saved_cfg.get("task", "classify") != cfg.task:
-        raise UserError(
-            f"checkpoint {path} was trained for task={saved_cfg.get('task', 'classify')}, the config says "
-            f"{cfg.task}; start a new run with another name="
-        )
-    saved = saved_cfg.get("data", {})
-    if cfg.task == "sine_regression":
-        # The sequences are generated from these settings and the seed, and a checkpoint taken
-        # mid-sequence carries a state for exactly that global batch and chunk position.
-        saved_tree = OmegaConf.create(saved_cfg)
-        for key in ("data.sine_sequences", "data.sine_length", "data.chunk_len", "seed", "train.global_batch_size"):
-            before, now = OmegaConf.select(saved_tree, key), OmegaConf.select(cfg, key)
-            if before != now:
-                raise UserError(
-                    f"checkpoint {path} was trained with {key}={before}, the config says {now}; "
-                    f"set {key}={before} or start a new run with another name="
-                )
-        return
-    for key in ("dataset", "view"):
-        # Checkpoints from before these keys existed were MNIST rows.
-        before = saved.get(key, {"dataset": "mnist", "view": "rows"}[key])
-        if before != cfg.data[key]:
-            raise UserError(
-                f"checkpoint {path} was trained with data.{key}={before}, the config says {cfg.data[key]}; "
-                f"set data.{key}={before} or start a new run with another name="
-            )
-    saved_perm = state.get("permutation")
-    if permutation is not None and (saved_perm is None or not torch.equal(saved_perm, permutation)):
-        raise UserError(
-            f"checkpoint {path} used another pixel permutation; set data.permutation_seed="
-            f"{saved.get('permutation_seed')} or start a new run with another name="
-        )
-
-
-def view_permutation(cfg: Config) -> torch.Tensor | None:
-    """The fixed pixel order for data.view=permuted_pixels (None for the other views)."""
-    return make_permutation(cfg.data.permutation_seed) if cfg.data.view == "permuted_pixels" else None
-
-
-def initial_model(cfg: Config, args: dict, device: torch.device) -> nn.Module:
-    """The network with its initial weights, identical on every rank (DDP also broadcasts them)."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(args)
-    if cfg.model.chrono_init:  # initial weights only: a resume loads the checkpoint's over them
-        chrono_init_(model.rnn, cfg.model.chrono_init)
-    return model.to(device)
+@dataclass
+class Built:
+    trainer: Trainer
+    task: Task
+    splits: Splits
+    precision: Precision
 
 
 def build_trainer(
-    cfg: Config,
-    info: DistInfo,
-    train_split: Split,
-    test_split: Split,
-    manager: CheckpointManager,
-    input_size: int | None = None,
-    permutation: torch.Tensor | None = None,
-) -> Trainer:
-    """Data placement, batches, the model and the Trainer, as the job sets them up (benchmarks reuse it)."""
+    cfg: Any, info: DistInfo, manager: CheckpointManager, task: Task | None = None, splits: Splits | None = None
+) -> Built:
+    """The task's data and batches, the model, optimiser, schedule, precision, step and Trainer, as the job runs them."""
     if info.device.type == "cuda":
         dist.configure_cuda(cfg.train.tf32)
-    if cfg.task == "sine_regression":
-        return _build_sine_trainer(cfg, info, train_split, test_split, manager)
-    device_resident = cfg.data.device_resident == "true" or (
-        cfg.data.device_resident == "auto" and info.device.type == "cuda"
-    )
-    if device_resident:
-        train_split = train_split.to(info.device)
-    if info.device.type == "cuda":
-        test_split = test_split.to(info.device)
-    batches = TrainBatches(
-        train_split,
-        global_batch_size=cfg.train.global_batch_size,
-        rank=info.rank,
-        world_size=info.world_size,
-        seed=cfg.seed,
-        device=info.device,
-        normalize=cfg.data.normalize,
-        view=cfg.data.view,
-        permutation=permutation if permutation is not None else view_permutation(cfg),
-        dataset=cfg.data.dataset,
-    )
-    if input_size is None:
-        input_size = view_input_size(cfg.data.view)
-    model = initial_model(cfg, model_args(cfg.model, input_size=input_size), info.device)
-    if info.device.type == "cuda" and hasattr(model, "rnn"):
-        torch.backends.cudnn.enabled = True
-        model.rnn.flatten_parameters()  # contiguous weights: the fused cuDNN kernel, no per-call copy
+    task = task or TASKS[cfg.task](cfg, info)
+    splits = splits or task.load()
+    batches = task.train_batches(splits.train)
+    train = cfg.train
+    graph_why = None
+    if train.cuda_graph:
+        graph_why = cuda_graph.unsupported_reason(
+            info.device, info.distributed, task.cuda_graph_unsupported, cfg.optim, cfg.model,
+            cfg.debug.nonfinite_from_step,
+        )  # fmt: skip
+        if graph_why:
+            log.warning("train.cuda_graph=true ignored: %s; training without CUDA graphs", graph_why)
+    graphed = train.cuda_graph and graph_why is None
+
+    module = place(initial_model(task.model_args(), cfg.seed, cfg.model.chrono_init), info.device)
     torch.manual_seed(cfg.seed + info.rank)  # per-rank streams from here on (dropout)
-    return Trainer(cfg, info, model, batches, test_split, checkpoints=manager)
+    model = dist.wrap_ddp(module, info, cfg.dist.grad_sync)
+    precision = resolve_precision(train.precision, info.device)
+    optimizer = build_optimizer(module, cfg.optim, capturable=graphed)
+    steps = total_steps(train.epochs, train.max_steps, batches.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, steps, cfg.sched)
+    scaler = precision.grad_scaler()
+    autocast = precision.autocast(cache=not graphed)
 
+    trainer: Trainer | None = None
 
-def _build_sine_trainer(
-    cfg: Config, info: DistInfo, train_split: Split, test_split: Split, manager: CheckpointManager
-) -> Trainer:
-    batches = ChunkBatches(
-        train_split,
-        global_batch_size=cfg.train.global_batch_size,
-        chunk_len=cfg.data.chunk_len,
-        rank=info.rank,
-        world_size=info.world_size,
+    def loss_fn(batch: Any) -> torch.Tensor:
+        return task.loss(model, batch, autocast)
+
+    loss = faults.nan_from_step(loss_fn, cfg.debug.nonfinite_from_step, lambda: trainer.global_step)
+    step = TrainStep(loss, module, optimizer, scaler, train.grad_clip)
+    eval_autocast = precision.autocast()
+    validate = None
+    if splits.val is not None:
+        val = splits.val.to(info.device) if info.device.type == "cuda" else splits.val
+
+        def validate(m: torch.nn.Module) -> dict[str, Any]:
+            return task.evaluate(m, val, eval_autocast)
+
+    kill = faults.kill_after_step(cfg.debug.fail_at_step, cfg.debug.fail_rank, info.rank)
+    trainer = Trainer(
+        train,
+        info,
+        module=module,
+        step=cuda_graph.GraphedStep(step) if graphed else step,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        batches=batches,
+        checkpoints=manager,
+        metric=task.metric,
+        validate=validate,
+        eval_every=cfg.eval.every_steps,
+        save_every=cfg.checkpoint.every_steps,
         seed=cfg.seed,
-        device=info.device,
+        stateful=[task],
+        hooks=[kill] if kill else [],
+        description=f"precision {precision.name}, device {info.device}" + (", CUDA graph" if graphed else ""),
     )
-    model = initial_model(cfg, model_args(cfg.model, task=cfg.task), info.device)
-    torch.manual_seed(cfg.seed + info.rank)
-    return Trainer(cfg, info, model, batches, test_split.to(info.device), checkpoints=manager)
+    return Built(trainer, task, splits, precision)
 
 
-def prepare_data(cfg: Config, info: DistInfo) -> tuple[Split, Split]:
-    """The task's train and test splits; for a data set, local rank 0 extracts or downloads first."""
-    if cfg.task == "sine_regression":
-        return make_splits(cfg.data, cfg.seed)  # generated: every rank makes the same sequences
-    error: UserError | None = None
-    root = None
-    if info.local_rank == 0:
-        try:
-            root = locate_dataset(cfg.data.dataset, cfg.data.root, cfg.data.cache_dir, cfg.data.download)
-        except UserError as e:
-            error = e
-    if not dist.all_ok(error is None, info):
-        raise error or UserError("data preparation failed on another rank; see its message")
-    if root is None:
-        root = locate_dataset(cfg.data.dataset, cfg.data.root, cfg.data.cache_dir, download=False)
-    return load_dataset(cfg.data.dataset, root)
+def evaluate_on_test(built: Built, cfg: Any, info: DistInfo, run_dir: Path) -> dict[str, Any] | None:
+    """Rank 0 evaluates the final model on the test split once, logs ``test/*`` and draws the pictures."""
+    trainer, task = built.trainer, built.task
+    if not info.is_main:
+        return None
+    test = built.splits.test
+    result = task.evaluate(trainer.module, test.to(info.device), built.precision.autocast(), detail=True)
+    name = task.metric.name
+    trainer.logger.log({"test/loss": result["loss"], f"test/{name}": result[name]}, trainer.global_step)
+    trainer.logger.summary({f"test/{name}": result[name], "test/loss": result["loss"]})
+    pictures = task.pictures(result, test)
+    metrics = run_dir / "metrics.jsonl"
+    written = write_plots(run_dir / "plots", pictures, metrics_path=metrics, metric=name)
+    if written:
+        log.info("plots: %s", ", ".join(str(p) for p in written.values()))
+    trainer.logger.images(written, trainer.global_step)
+    return result
 
 
-def run(cfg: Config, info: DistInfo) -> int:
+def run(cfg: Any, info: DistInfo) -> int:
     run_dir = Path(cfg.run_dir)
     manager = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, writer=info.is_main)
-    args = model_args(cfg.model, input_size=view_input_size(cfg.data.view), task=cfg.task)
-    permutation = view_permutation(cfg) if cfg.task == "classify" else None
+    task = TASKS[cfg.task](cfg, info)
+    args = task.model_args()
 
     resume_path = find_resume_point(cfg, manager)
     state = checkpoint.load(resume_path) if resume_path else None
     if state is not None:
-        check_compatible(state, args, resume_path)
-        check_same_data(state, cfg, permutation, resume_path)
+        check_resumable(state, cfg, task, args, resume_path)
 
-    train_split, test_split = prepare_data(cfg, info)
-    trainer = build_trainer(cfg, info, train_split, test_split, manager, permutation=permutation)
+    built = build_trainer(cfg, info, manager, task=task)
+    trainer = built.trainer
     if state is not None:
         trainer.load_state_dict(state)
         if trainer.finished:
@@ -217,9 +204,12 @@ def run(cfg: Config, info: DistInfo) -> int:
             trainer.step_in_epoch,
         )
     run_id = state.get("wandb_run_id") if state else new_run_id()
-    trainer.extra_state = {"model_args": args, "config": to_dict(cfg), "wandb_run_id": run_id}
-    if permutation is not None:
-        trainer.extra_state["permutation"] = permutation  # evaluate and predict reuse this exact order
+    trainer.extra_state = {
+        "format": CHECKPOINT_FORMAT,
+        "model_args": args,
+        "config": to_dict(cfg),
+        "wandb_run_id": run_id,
+    }
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -232,16 +222,15 @@ def run(cfg: Config, info: DistInfo) -> int:
         trainer.logger.event(
             "resume", trainer.global_step, checkpoint=str(resume_path), world_size=info.world_size, **slurm
         )
+    test = None
     try:
         status = trainer.fit()
-        if status == "finished" and info.is_main and trainer.last_eval_detail:
-            written = _final_plots(cfg, run_dir, trainer.last_eval_detail, test_split)
-            if written:
-                log.info("plots: %s", ", ".join(str(p) for p in written.values()))
-            trainer.logger.images(written, trainer.global_step)
+        if status == "finished":
+            test = evaluate_on_test(built, cfg, info, run_dir)
+            trainer.logger.event("finished", trainer.global_step)
     finally:
         trainer.logger.close()
-    # Leave together: a rank that tears its process group down while rank 0 still draws plots
+    # Leave together: a rank that tears its process group down while rank 0 still tests, draws
     # or flushes W&B has been seen to abort in gloo at exit.
     dist.barrier(info)
     if status == "stopped":
@@ -250,25 +239,14 @@ def run(cfg: Config, info: DistInfo) -> int:
             "exiting %d (resumable) %.2fs after the stop request; rerun the same command to resume", EXIT_STOPPED, took
         )
         return EXIT_STOPPED
-    metric = trainer.metric
-    log.info(
-        "done: test %s %.4f, loss %.4f (best %.4f)",
-        metric,
-        trainer.last_eval[metric],
-        trainer.last_eval["loss"],
-        trainer.best_for_log,
-    )
+    if test is not None:
+        name = task.metric.name
+        log.info(
+            "done: best val %s %.4f; final model: test %s %.4f, loss %.4f",
+            name,
+            trainer.best_for_log,
+            name,
+            test[name],
+            test["loss"],
+        )
     return 0
-
-
-def _final_plots(cfg: Config, run_dir: Path, detail: dict[str, Any], test_split: Split) -> dict[str, Path]:
-    common = dict(metrics_path=run_dir / "metrics.jsonl", predictions=detail["predictions"])
-    if cfg.task == "sine_regression":
-        return write_plots(run_dir / "plots", sine_inputs=test_split.images, sine_targets=test_split.labels, **common)
-    return write_plots(
-        run_dir / "plots",
-        confusion=detail["confusion"],
-        images=test_split.images,
-        labels=test_split.labels,
-        **common,
-    )

@@ -13,10 +13,12 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("rnnddp")
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # wandb.mode
 
 
 def setup_logging(is_main: bool, rank: int = 0) -> None:
@@ -143,3 +145,19 @@ def fmt(metrics: dict[str, float]) -> str:
         else:
             parts.append(f"{k}={v}")
     return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The number that picks the best checkpoint: its name and which way is better."""
+
+    name: str  # accuracy | mse | ...
+    higher_is_better: bool
+
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` beats ``best`` (None: no result yet); NaN never does."""
+        if math.isnan(value):
+            return False
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best

@@ -1,4 +1,7 @@
-"""Sequence classifiers (recurrent) and the seed's small CNN: pure torch, no knowledge of DDP, devices or logging."""
+"""The networks and their registry: recurrent classifiers and regressors, the seed's small CNN.
+
+Pure torch: no knowledge of DDP, tasks or logging.
+"""
 
 from __future__ import annotations
 
@@ -133,22 +136,13 @@ def chrono_init_(rnn: nn.Module, max_steps: int) -> None:
                 bias[h : 2 * h] = log_t
 
 
-def model_args(cfg: Any, input_size: int = 28, num_classes: int = 10, task: str = "classify") -> dict:
-    """The constructor arguments for ``cfg.model``; stored in checkpoints to rebuild the net.
+def classifier_args(cfg: Any, input_size: int = 28, num_classes: int = 10) -> dict:
+    """The constructor arguments of the classifier ``cfg.model`` names; stored in checkpoints to rebuild the net.
 
     The recurrent classifier's dict has no ``name`` key (as before the CNN existed), so
     checkpoints written earlier still match and resume.
     """
-    if task == "sine_regression":
-        return dict(
-            name="regressor",
-            cell=str(cfg.cell),
-            input_size=1,
-            hidden_size=int(cfg.hidden_size),
-            num_layers=int(cfg.num_layers),
-            output_size=1,
-        )
-    if str(getattr(cfg, "name", "rnn")) == "cnn":
+    if str(cfg.name) == "cnn":
         return dict(name="cnn", channels=[16, 32], image_size=28, num_classes=num_classes)
     return dict(
         cell=str(cfg.cell),
@@ -161,12 +155,44 @@ def model_args(cfg: Any, input_size: int = 28, num_classes: int = 10, task: str 
     )
 
 
+def regressor_args(cfg: Any, input_size: int = 1, output_size: int = 1) -> dict:
+    """The constructor arguments of a per-step regressor with ``cfg.model``'s recurrent stack."""
+    return dict(
+        name="regressor",
+        cell=str(cfg.cell),
+        input_size=input_size,
+        hidden_size=int(cfg.hidden_size),
+        num_layers=int(cfg.num_layers),
+        output_size=output_size,
+    )
+
+
+# The registry of architectures: a checkpoint's model_args["name"] (absent: "rnn") -> class.
+# model.name chooses among the classifiers; a task may build another (the sine task: regressor).
+CLASSIFIERS: dict[str, type[nn.Module]] = {"rnn": SequenceClassifier, "cnn": ConvClassifier}
+ARCHITECTURES: dict[str, type[nn.Module]] = {**CLASSIFIERS, "regressor": SequenceRegressor}
+
+
 def build_model(args: dict) -> nn.Module:
     """Rebuild the network from its stored constructor arguments (``model_args``)."""
     args = dict(args)
-    name = args.pop("name", "rnn")
-    if name == "cnn":
-        return ConvClassifier(**args)
-    if name == "regressor":
-        return SequenceRegressor(**args)
-    return SequenceClassifier(**args)
+    return ARCHITECTURES[args.pop("name", "rnn")](**args)
+
+
+def initial_model(args: dict, seed: int, chrono: int = 0) -> nn.Module:
+    """The network with its initial weights, identical on every rank (DDP also broadcasts them)."""
+    torch.manual_seed(seed)
+    model = build_model(args)
+    if chrono:  # initial weights only: a resume loads the checkpoint's over them
+        chrono_init_(model.rnn, chrono)
+    return model
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to ``device``; on CUDA give cuDNN one flat weight buffer (the fused kernel, no per-call copy)."""
+    model = model.to(device)
+    rnn = getattr(model, "rnn", None)
+    if device.type == "cuda" and isinstance(rnn, nn.RNNBase):
+        torch.backends.cudnn.enabled = True
+        rnn.flatten_parameters()
+    return model

@@ -1,19 +1,21 @@
-"""Pictures of a run: learning curves, a confusion matrix, a grid of test digits; for the sine
-task, predictions against the target.
+"""Pictures of a run: learning curves for any task, and drawing helpers tasks use (confusion matrix, digits).
 
 Rank 0 writes them at the end of a run (rnnddp.job) and ``python -m rnnddp.evaluate`` writes them
-for a checkpoint. matplotlib runs headless (Agg) and is imported only here, only when drawing.
+for a checkpoint; each task says which pictures it has (``Task.pictures``). matplotlib runs
+headless (Agg) and is imported only when drawing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes; must precede the pyplot import
@@ -36,24 +38,32 @@ def effective_records(metrics_path: Path) -> list[dict]:
     return records
 
 
-def learning_curves(metrics_path: Path, out: Path) -> Path:
-    """Train and test loss (left) and the test metric (right: accuracy, or MSE) against the step."""
-    plt = _pyplot()
+def learning_curves(metrics_path: Path, out: Path, metric: str) -> Path:
+    """Train and validation loss (left) and the validation metric (right) against the step; the test result as a star."""
+    plt = pyplot()
     recs = effective_records(metrics_path)
-    metric = "mse" if any("eval/mse" in r for r in recs) else "accuracy"
     train = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
-    test = [(r["step"], r["eval/loss"], r[f"eval/{metric}"]) for r in recs if f"eval/{metric}" in r]
+    val = [(r["step"], r["val/loss"], r[f"val/{metric}"]) for r in recs if f"val/{metric}" in r]
+    test = [(r["step"], r["test/loss"], r[f"test/{metric}"]) for r in recs if f"test/{metric}" in r]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
         ax_loss.plot(*zip(*train, strict=True), label="train (mean since last log)")
+    if val:
+        steps, losses, values = zip(*val, strict=True)
+        ax_loss.plot(steps, losses, "o-", label="validation")
+        ax_metric.plot(steps, values, "o-", color="C1", label="validation")
+    title = f"validation {metric}" + (f" (last {val[-1][2]:.4f})" if val else "")
     if test:
-        steps, losses, values = zip(*test, strict=True)
-        ax_loss.plot(steps, losses, "o-", label="test")
-        ax_metric.plot(steps, values, "o-", color="C1")
-        ax_metric.set_title(f"test {metric} (last {values[-1]:.4f})")
-    ax_loss.set(xlabel="step", ylabel="MSE" if metric == "mse" else "cross-entropy", yscale="log", title="loss")
+        step, loss, value = test[-1]
+        ax_loss.plot([step], [loss], "*", color="C3", markersize=12, label="test (final model)")
+        ax_metric.plot([step], [value], "*", color="C3", markersize=12, label="test (final model)")
+        title += f"; test {value:.4f}"
+    ax_metric.set_title(title)
+    ax_loss.set(xlabel="step", ylabel="MSE" if metric == "mse" else "loss", yscale="log", title="loss")
     ax_loss.legend()
     ax_metric.set(xlabel="step", ylabel=metric, yscale="log" if metric == "mse" else "linear")
+    if val or test:
+        ax_metric.legend()
     ax_metric.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -63,7 +73,7 @@ def learning_curves(metrics_path: Path, out: Path) -> Path:
 
 def confusion_matrix(confusion: torch.Tensor, out: Path, title: str = "") -> Path:
     """Counts of [true label, predicted label] over the test set, with per-class accuracy on the rows."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = confusion.cpu()
     n = counts.shape[0]
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
@@ -88,7 +98,7 @@ def confusion_matrix(confusion: torch.Tensor, out: Path, title: str = "") -> Pat
 
 def digit_grid(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, out: Path, n: int = 64) -> Path:
     """Test digits titled predicted/true; mistakes (up to half the grid) come first, framed in red."""
-    plt = _pyplot()
+    plt = pyplot()
     all_wrong = (predictions != labels).nonzero().flatten()
     wrong = all_wrong[: n // 2]
     right = (predictions == labels).nonzero().flatten()[: n - len(wrong)]
@@ -116,59 +126,27 @@ def digit_grid(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Te
     return out
 
 
-def sine_prediction(
-    inputs: torch.Tensor, targets: torch.Tensor, predictions: torch.Tensor, out: Path, n: int = 3
-) -> Path:
-    """The first ``n`` held-out sequences: input sin, target cos and the prediction, step by step."""
-    plt = _pyplot()
-    n = min(n, len(targets))
-    fig, axes = plt.subplots(n, 1, figsize=(11, 2.2 * n), squeeze=False, sharex=True)
-    for k, ax in enumerate(axes[:, 0]):
-        t = range(targets.shape[1])
-        ax.plot(t, inputs[k, :, 0].cpu(), color="0.7", lw=1, label="input sin(t)")
-        ax.plot(t, targets[k, :, 0].cpu(), "r-", lw=1.5, label="target cos(t)")
-        ax.plot(t, predictions[k, :, 0].cpu(), "b--", lw=1.5, label="prediction")
-        mse = torch.mean((predictions[k] - targets[k].cpu()) ** 2).item()
-        ax.set_title(f"held-out sequence {k}: MSE {mse:.5f}", fontsize=9)
-    axes[0, 0].legend(loc="upper right", fontsize=8)
-    axes[-1, 0].set_xlabel("step (the hidden state carries across chunks)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
 def write_plots(
     out_dir: Path,
+    pictures: dict[str, Callable[[Path], Path]],
     *,
     metrics_path: Path | None = None,
-    confusion: torch.Tensor | None = None,
-    images: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    predictions: torch.Tensor | None = None,
-    sine_inputs: torch.Tensor | None = None,
-    sine_targets: torch.Tensor | None = None,
+    metric: str = "",
     prefix: str = "",
 ) -> dict[str, Path]:
-    """Draw whatever the inputs allow into ``out_dir``; returns {name: file}.
+    """Draw the learning curves (from ``metrics_path``) and each of ``pictures`` into ``out_dir``; returns {name: file}.
 
     Pictures are a by-product: a failure (no matplotlib, unwritable folder) is a warning, never
     the end of a training run or an evaluation.
     """
-    import logging
-
     written: dict[str, Path] = {}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if metrics_path is not None and metrics_path.is_file():
-            written["learning_curves"] = learning_curves(metrics_path, out_dir / f"{prefix}learning_curves.png")
-        if confusion is not None:
-            written["confusion_matrix"] = confusion_matrix(confusion, out_dir / f"{prefix}confusion_matrix.png")
-        if images is not None and labels is not None and predictions is not None:
-            written["test_digits"] = digit_grid(images, labels, predictions, out_dir / f"{prefix}test_digits.png")
-        if sine_inputs is not None and sine_targets is not None and predictions is not None:
-            out = out_dir / f"{prefix}sine_prediction.png"
-            written["sine_prediction"] = sine_prediction(sine_inputs, sine_targets, predictions, out)
+            out = out_dir / f"{prefix}learning_curves.png"
+            written["learning_curves"] = learning_curves(metrics_path, out, metric)
+        for name, draw in pictures.items():
+            written[name] = draw(out_dir / f"{prefix}{name}.png")
     except Exception as e:  # see the docstring
         logging.getLogger("rnnddp").warning("could not draw the plots in %s: %s", out_dir, str(e).splitlines()[0])
     return written

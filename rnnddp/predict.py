@@ -40,19 +40,17 @@ def load_image(path: str | Path) -> torch.Tensor:
 
 def predict(target: str | Path, images: list[str], overrides: list[str] | None = None) -> list[tuple[str, int, float]]:
     """(file, label, probability) per image, with the checkpoint's view, normalisation and permutation."""
-    from rnnddp.data import to_sequences
     from rnnddp.evaluate import restore
 
     if not images:
         raise UserError("no image files given: python -m rnnddp.predict CHECKPOINT image.png [...]")
     pixels = torch.stack([load_image(p) for p in images])  # every file is checked before any work
     r = restore(target, overrides or [])
-    if r.regression:
-        raise UserError(f"{r.path} is a task=sine_regression model; predict classifies digit images only")
-    data = r.cfg.data
-    x = to_sequences(pixels, data.normalize, data.view, r.permutation, data.dataset)
+    view = r.task.predict_view()
+    if view is None:
+        raise UserError(f"{r.path} is a task={r.cfg.task} model; predict classifies digit images only")
     with torch.no_grad():
-        probs = torch.softmax(r.module(x).float(), dim=1)
+        probs = torch.softmax(r.module(view(pixels)).float(), dim=1)
     conf, labels = probs.max(dim=1)
     return [(str(p), int(y), float(c)) for p, y, c in zip(images, labels, conf, strict=True)]
 

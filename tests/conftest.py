@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from rnnddp import launch
+from rnnddp.launch import REPO, free_port  # noqa: F401  (tests import them from here)
+
 # The real MNIST: RNNDDP_TEST_DATA, else the shared copy beside the checkout (read-only in CI).
 DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "data"))
 
@@ -34,34 +34,13 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def job_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+    return launch.job_env(threads=1)
 
 
 def job_cmd(args: list[str], nproc: int = 1, launcher: list[str] | None = None) -> list[str]:
     """train_ddp.py for real: plain python for one process, torchrun (gloo) for several."""
-    if nproc == 1 and not launcher:
-        return [sys.executable, str(REPO / "train_ddp.py"), *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *(launcher or []),
-        str(REPO / "train_ddp.py"),
-        *args,
-    ]
+    return launch.job_command(args, nproc, launcher)
 
 
 def run_job(
@@ -78,24 +57,29 @@ def in_process_trainer(mnist_root: Path, run_dir: Path, overrides: list[str], de
     """A single-process Trainer built as the job builds it (rnnddp.job.build_trainer), in this process."""
     from rnnddp.checkpoint import CheckpointManager
     from rnnddp.config import load_config
-    from rnnddp.data import load_mnist, locate_mnist
     from rnnddp.dist import DistInfo
     from rnnddp.job import build_trainer
 
     cfg = load_config([f"data.root={mnist_root}", "wandb.mode=disabled", f"run_dir={run_dir}", *overrides])
-    data = load_mnist(locate_mnist(str(mnist_root), download=False))
-    info = DistInfo(device=torch.device(device))
-    trainer = build_trainer(cfg, info, *data, CheckpointManager(run_dir, writer=False))
-    trainer.module.train()
-    return trainer
+    built = build_trainer(cfg, DistInfo(device=torch.device(device)), CheckpointManager(run_dir, writer=False))
+    built.trainer.module.train()
+    return built.trainer
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_eval(run_dir: Path) -> dict:
-    return [m for m in read_metrics(run_dir) if "eval/accuracy" in m][-1]
+def final_eval(run_dir: Path, metric: str = "accuracy") -> dict:
+    """The test record of the final model (the job writes it once, after training), with the record's keys
+    ``step``, ``test/loss`` and ``test/<metric>``."""
+    found = [m for m in read_metrics(run_dir) if f"test/{metric}" in m]
+    assert len(found) == 1, f"expected one test record in {run_dir}/metrics.jsonl, found {len(found)}"
+    return found[0]
+
+
+def val_records(run_dir: Path, metric: str = "accuracy") -> list[dict]:
+    return [m for m in read_metrics(run_dir) if f"val/{metric}" in m]
 
 
 def latest_state(run_dir: Path) -> dict:

@@ -55,8 +55,9 @@ def test_flush_after_the_threads_started_is_detected():
 def test_the_job_flushes_before_its_first_tensor_work(tmp_path: Path):
     args = [
         "task=sine_regression",
-        "data.sine_sequences=64",
-        "data.sine_test_sequences=16",
+        "sine.sequences=64",
+        "sine.val_sequences=16",
+        "sine.test_sequences=16",
         "model.hidden_size=8",
         "train.global_batch_size=16",
         "train.max_steps=2",

@@ -209,8 +209,8 @@ def test_crashed_rank_is_recovered_by_torchrun_restart(tmp_path: Path, mnist_roo
     )
     out = proc.stdout + proc.stderr
     assert "killing rank 1 at step 450" in out and "resuming from" in out and "step_0000400.pt" in out, out[-3000:]
-    assert final_eval(run)["eval/accuracy"] >= 0.96  # the same bar as an uncrashed seed run
-    assert effective_train_steps(run)[-1] == latest_state(run)["global_step"] == 937
+    assert final_eval(run)["test/accuracy"] >= 0.96  # the same bar as an uncrashed seed run
+    assert effective_train_steps(run)[-1] == latest_state(run)["global_step"] == 859  # 55,000 images / 64
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete half"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rnnddp.models import CELLS, build_model, chrono_init_
-from rnnddp.trainer import lr_factor
+from rnnddp.train.optim import lr_factor
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

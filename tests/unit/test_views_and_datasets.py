@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,15 @@ import torch
 
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import from_saved, load_config, to_dict
-from rnnddp.data import (
-    MNIST_FILES,
-    Split,
-    TrainBatches,
-    eval_batches,
-    input_size,
-    load_dataset,
-    locate_dataset,
-    make_permutation,
-    to_sequences,
-)
+from rnnddp.data.batches import Split, TrainBatches, eval_batches
+from rnnddp.data.mnist import MNIST_FILES, load_dataset, locate_dataset
+from rnnddp.data.views import ImageView, input_size, make_permutation
+from rnnddp.dist import DistInfo
 from rnnddp.errors import UserError
-from rnnddp.evaluate import evaluate, restore
-from rnnddp.models import ConvClassifier, SequenceClassifier, build_model, model_args
-from tests.conftest import REPO, job_env, read_metrics, run_job
+from rnnddp.evaluate import restore
+from rnnddp.models import ConvClassifier, SequenceClassifier, build_model, classifier_args
+from rnnddp.tasks import TASKS
+from tests.idx_files import random_images, write_idx
 
 VIEWS = ["rows", "columns", "pixels", "permuted_pixels"]
 MODELS = {  # config overrides -> the tiny model under test
@@ -40,26 +33,22 @@ MODELS = {  # config overrides -> the tiny model under test
 }
 
 
-def _images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
 def _split(n: int) -> Split:
-    return Split(_images(n), torch.arange(n) % 10)
+    return Split(random_images(n), torch.arange(n) % 10)
 
 
 # -- views ----------------------------------------------------------------------------------------
 
 
 def test_views_shapes_and_values():
-    img = _images(3)
+    img = random_images(3)
     x = img.float() / 255
-    assert torch.equal(to_sequences(img, view="rows"), x)
-    assert torch.equal(to_sequences(img, view="columns"), x.transpose(1, 2))
-    pixels = to_sequences(img, view="pixels")
+    assert torch.equal(ImageView("rows")(img), x)
+    assert torch.equal(ImageView("columns")(img), x.transpose(1, 2))
+    pixels = ImageView("pixels")(img)
     assert pixels.shape == (3, 784, 1) and torch.equal(pixels[:, :, 0], x.reshape(3, 784))
     perm = make_permutation(7)
-    permuted = to_sequences(img, view="permuted_pixels", permutation=perm)
+    permuted = ImageView("permuted_pixels", perm)(img)
     assert permuted.shape == (3, 784, 1)
     assert torch.equal(permuted[:, :, 0], x.reshape(3, 784)[:, perm])
     assert sorted(perm.tolist()) == list(range(784))
@@ -86,16 +75,15 @@ def test_train_and_eval_batches_apply_the_view():
         world_size=1,
         seed=0,
         device=torch.device("cpu"),
-        view="permuted_pixels",
-        permutation=perm,
+        transform=ImageView("permuted_pixels", perm),
     )
     x, y = next(tb.epoch(0))
     i = tb.indices(0)[0]
     assert x.shape == (16, 784, 1)
-    assert torch.equal(x[:, :, 0], split.images[i].float().reshape(16, 784)[:, perm] / 255)
-    xs = [x for x, _ in eval_batches(split, 50, torch.device("cpu"), view="columns")]
+    assert torch.equal(x[:, :, 0], split.inputs[i].float().reshape(16, 784)[:, perm] / 255)
+    xs = [x for x, _ in eval_batches(split, 50, torch.device("cpu"), ImageView("columns"))]
     assert [t.shape for t in xs] == [(50, 28, 28), (14, 28, 28)]
-    assert torch.equal(xs[0][0], split.images[0].float().t() / 255)
+    assert torch.equal(xs[0][0], split.inputs[0].float().t() / 255)
 
 
 def test_cnn_needs_a_two_d_view():
@@ -117,13 +105,14 @@ def _combos() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("model_key,view", _combos())
 def test_model_view_forward_backward_save_and_reload(model_key: str, view: str, tmp_path: Path):
     cfg = load_config([*MODELS[model_key], f"data.view={view}", "data.permutation_seed=5", "eval.batch_size=16"])
-    args = model_args(cfg.model, input_size=input_size(view))
+    args = classifier_args(cfg.model, input_size=input_size(view))
     torch.manual_seed(0)
     model = build_model(args)
     assert isinstance(model, ConvClassifier if model_key == "cnn" else SequenceClassifier)
-    perm = make_permutation(5) if view == "permuted_pixels" else None
+    # A stored order that data.permutation_seed=5 would not give: evaluate must use the stored one.
+    perm = make_permutation(99) if view == "permuted_pixels" else None
     split = _split(40)
-    x = to_sequences(split.images[:6], view=view, permutation=perm)
+    x = ImageView(view, perm)(split.inputs[:6])
     assert x.shape == ((6, 28, 28) if view in ("rows", "columns") else (6, 784, 1))
     logits = model(x)
     assert logits.shape == (6, 10)
@@ -138,10 +127,13 @@ def test_model_view_forward_backward_save_and_reload(model_key: str, view: str, 
     torch.load(path, weights_only=True)  # loadable without unpickling code
     restored = restore(tmp_path, [])  # a run directory: its latest checkpoint
     assert restored.path == path and restored.cfg.data.view == view
-    kwargs = dict(batch_size=16, device=torch.device("cpu"), view=view, permutation=perm)
-    before = evaluate(model, split, **kwargs, num_classes=10)
-    kwargs["permutation"] = restored.permutation  # the one the checkpoint stored
-    after = evaluate(restored.module, split, **kwargs, num_classes=10)
+    if perm is not None:
+        assert torch.equal(restored.task.view.permutation, perm)
+    task = TASKS["classify"](cfg, DistInfo())
+    task.view = ImageView(view, perm)
+    autocast = contextlib.nullcontext()
+    before = task.evaluate(model, split, autocast, detail=True)
+    after = restored.task.evaluate(restored.module, split, autocast, detail=True)
     assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
     assert after["accuracy"] == before["accuracy"]
     assert torch.equal(after["confusion"], before["confusion"]) and after["confusion"].sum() == 40
@@ -153,7 +145,7 @@ def test_old_checkpoints_without_new_keys_rebuild_as_rnn_rows():
     old_args = dict(
         cell="lstm", input_size=28, hidden_size=128, num_layers=1, dropout=0.0, bidirectional=False, num_classes=10
     )
-    assert model_args(load_config([]).model) == old_args
+    assert classifier_args(load_config([]).model) == old_args
     assert isinstance(build_model(old_args), SequenceClassifier)
     saved = to_dict(load_config([]))
     del saved["data"]["view"], saved["data"]["permutation_seed"], saved["model"]["name"]
@@ -161,33 +153,17 @@ def test_old_checkpoints_without_new_keys_rebuild_as_rnn_rows():
     assert cfg.data.view == "rows" and cfg.model.name == "rnn" and cfg.data.root == "/elsewhere"
 
 
+def test_old_sine_keys_are_read_from_their_old_place():
+    # Before the sine task had its own section, its keys lived under data (and data.num_workers existed).
+    saved = to_dict(load_config(["task=sine_regression"]))
+    del saved["sine"]
+    saved["data"].update(sine_sequences=64, sine_test_sequences=8, sine_length=40, chunk_len=5, num_workers=0)
+    cfg = from_saved(saved, [])
+    assert (cfg.sine.sequences, cfg.sine.test_sequences, cfg.sine.length, cfg.sine.chunk_len) == (64, 8, 40, 5)
+    assert cfg.sine.val_sequences == 256  # new since: its default
+
+
 # -- Fashion-MNIST and KMNIST on tiny IDX files ----------------------------------------------------
-
-
-def _idx_images(images: torch.Tensor) -> bytes:
-    return struct.pack(">iiii", 0x00000803, len(images), 28, 28) + images.numpy().tobytes()
-
-
-def _idx_labels(labels: torch.Tensor) -> bytes:
-    return struct.pack(">ii", 0x00000801, len(labels)) + labels.to(torch.uint8).numpy().tobytes()
-
-
-def write_idx(folder: Path, n_train: int = 200, n_test: int = 50, gz: bool = False) -> tuple[Split, Split]:
-    """Four IDX files of random images with learnable labels (label = brightness decile), as MNIST names them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = []
-    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
-        images = _images(n, seed)
-        labels = (images.float().mean(dim=(1, 2)) / 256 * 10).long().clamp(0, 9)
-        for kind, data in (("images-idx3", _idx_images(images)), ("labels-idx1", _idx_labels(labels))):
-            name = f"{prefix}-{kind}-ubyte"
-            if gz:
-                with gzip.open(folder / (name + ".gz"), "wb") as f:
-                    f.write(data)
-            else:
-                (folder / name).write_bytes(data)
-        splits.append(Split(images, labels))
-    return splits[0], splits[1]
 
 
 @pytest.mark.parametrize("dataset,folder", [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
@@ -196,8 +172,8 @@ def test_other_data_sets_from_idx_files(dataset: str, folder: str, tmp_path: Pat
     root = locate_dataset(dataset, str(tmp_path / "root"), cache_dir=str(tmp_path / "cache"), download=False)
     assert root == tmp_path / "root"
     got_train, got_test = load_dataset(dataset, root)
-    assert torch.equal(got_train.images, train.images) and torch.equal(got_train.labels, train.labels)
-    assert torch.equal(got_test.images, test.images) and len(got_test) == 50
+    assert torch.equal(got_train.inputs, train.inputs) and torch.equal(got_train.targets, train.targets)
+    assert torch.equal(got_test.inputs, test.inputs) and len(got_test) == 50
 
 
 @pytest.mark.parametrize("dataset,folder", [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
@@ -209,7 +185,7 @@ def test_other_data_sets_gz_only_read_only_folder_is_extracted(dataset: str, fol
         root = locate_dataset(dataset, str(tmp_path / "ro"), cache_dir=str(tmp_path / "cache"), download=False)
         assert root == tmp_path / "cache"
         assert sorted(os.listdir(tmp_path / "cache" / folder / "raw")) == sorted(MNIST_FILES)
-        assert torch.equal(load_dataset(dataset, root)[0].images, train.images)
+        assert torch.equal(load_dataset(dataset, root)[0].inputs, train.inputs)
         assert sorted(os.listdir(src)) == sorted(n + ".gz" for n in MNIST_FILES)  # source untouched
     finally:
         os.chmod(src, 0o755)
@@ -232,34 +208,15 @@ def test_missing_other_data_set_offline_is_one_line(tmp_path: Path):
     assert "\n" not in str(e.value)
 
 
-def test_kmnist_job_trains_and_evaluates_on_tiny_files(tmp_path: Path):
-    # The whole job path (locate, load, view, train, checkpoint, evaluate CLI) on a non-MNIST set.
-    write_idx(tmp_path / "data" / "KMNIST" / "raw", n_train=256, n_test=60)
-    run = tmp_path / "run"
-    args = ["data.dataset=kmnist", f"data.root={tmp_path / 'data'}", "data.view=columns", "model.hidden_size=8"]
-    run_job([*args, "train.global_batch_size=64", "train.epochs=1", "wandb.mode=offline", f"run_dir={run}"])
-    pictures = ["learning_curves.png", "confusion_matrix.png", "test_digits.png"]
-    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(pictures)
-    logged_images = sorted(p.name.split("_4_")[0] for p in (run / "wandb").rglob("media/images/plots/*.png"))
-    assert logged_images == sorted(p.removesuffix(".png") for p in pictures)  # also W&B images, at step 4
-    logged = [m for m in read_metrics(run) if "eval/accuracy" in m][-1]["eval/accuracy"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "rnnddp.evaluate", str(run)], env=job_env(), cwd=REPO, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "view columns, data set kmnist" in proc.stdout
-    assert f"accuracy {logged:.4f}  (60 images)" in proc.stdout
-    assert (run / "plots" / "step_0000004_confusion_matrix.png").is_file()  # evaluate's own pictures
-
-
 def test_plots_from_metrics_confusion_and_predictions(tmp_path: Path):
+    from rnnddp import plots
     from rnnddp.plots import effective_records, write_plots
 
     metrics = tmp_path / "metrics.jsonl"
     lines = [
         {"step": 10, "train/loss": 2.0},
         {"step": 20, "train/loss": 1.0},
-        {"step": 20, "eval/loss": 0.9, "eval/accuracy": 0.7},
+        {"step": 20, "val/loss": 0.9, "val/accuracy": 0.7},
         {"step": 30, "train/loss": 0.8},  # lost in a crash: the resume at 20 voids it
         {"step": 20, "event": "resume", "checkpoint": "x"},
         {"step": 30, "train/loss": 0.7},
@@ -267,18 +224,18 @@ def test_plots_from_metrics_confusion_and_predictions(tmp_path: Path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert [r.get("train/loss") for r in effective_records(metrics)] == [2.0, 1.0, None, 0.7]
     split = _split(100)
-    preds = split.labels.clone()
+    preds = split.targets.clone()
     preds[:7] = (preds[:7] + 1) % 10
-    confusion = torch.bincount(split.labels * 10 + preds, minlength=100).view(10, 10)
-    written = write_plots(
-        tmp_path / "plots", metrics_path=metrics, confusion=confusion,
-        images=split.images, labels=split.labels, predictions=preds, prefix="x_",
-    )  # fmt: skip
+    confusion = torch.bincount(split.targets * 10 + preds, minlength=100).view(10, 10)
+    task = TASKS["classify"](load_config([]), DistInfo())
+    pictures = task.pictures({"confusion": confusion, "predictions": preds}, split)
+    written = write_plots(tmp_path / "plots", pictures, metrics_path=metrics, metric="accuracy", prefix="x_")
     assert sorted(written) == ["confusion_matrix", "learning_curves", "test_digits"]
     assert all(p.stat().st_size > 1000 and p.name.startswith("x_") for p in written.values())
     # Unwritable target: a warning and nothing written, never an exception.
     (tmp_path / "file").write_text("")
-    assert write_plots(tmp_path / "file" / "plots", confusion=confusion) == {}
+    drawn = {"confusion_matrix": lambda out: plots.confusion_matrix(confusion, out)}
+    assert write_plots(tmp_path / "file" / "plots", drawn) == {}
 
 
 def test_damaged_gz_is_one_line_and_leaves_no_partial_file(tmp_path: Path):

@@ -12,10 +12,11 @@ from PIL import Image, ImageOps
 
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import load_config, to_dict
-from rnnddp.data import load_mnist, locate_mnist
-from rnnddp.models import build_model, model_args
+from rnnddp.data.mnist import load_dataset, locate_dataset
+from rnnddp.models import build_model, classifier_args
 from rnnddp.predict import load_image
-from tests.conftest import REPO, final_eval, job_env, run_job
+from tests.conftest import REPO, final_eval, job_env, read_metrics, run_job
+from tests.idx_files import write_idx
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -27,7 +28,7 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> Path:
     cfg = load_config(["model.hidden_size=4"])
-    args = model_args(cfg.model)
+    args = classifier_args(cfg.model)
     CheckpointManager(tmp_path / "run").save(
         {"model": build_model(args).state_dict(), "model_args": args, "config": to_dict(cfg), "global_step": 0}, 0
     )
@@ -96,7 +97,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, mnist_root) -> Path:
 
 @pytest.mark.slow
 def test_evaluate_reproduces_the_logged_accuracy(real_run: Path, mnist_root):
-    logged = final_eval(real_run)["eval/accuracy"]
+    logged = final_eval(real_run)["test/accuracy"]
     assert logged > 0.9
     proc = _cli("rnnddp.evaluate", real_run, f"data.root={mnist_root}")
     assert proc.returncode == 0, proc.stderr
@@ -107,15 +108,15 @@ def test_evaluate_reproduces_the_logged_accuracy(real_run: Path, mnist_root):
 
 @pytest.mark.slow
 def test_predict_classifies_real_test_digits(real_run: Path, mnist_root, tmp_path: Path):
-    _, test = load_mnist(locate_mnist(str(mnist_root), download=False))
+    _, test = load_dataset("mnist", locate_dataset("mnist", str(mnist_root), download=False))
     files, labels = [], []
     for i in range(3):  # a 7, a 2 and a 1
-        img = Image.fromarray(test.images[i].numpy())
+        img = Image.fromarray(test.inputs[i].numpy())
         img.save(tmp_path / f"test{i}.png")
         # The same digit as a scan would give it: dark on white, larger, RGB JPEG.
         ImageOps.invert(img).resize((140, 140)).convert("RGB").save(tmp_path / f"scan{i}.jpg", quality=95)
         files += [tmp_path / f"test{i}.png", tmp_path / f"scan{i}.jpg"]
-        labels += [int(test.labels[i])] * 2
+        labels += [int(test.targets[i])] * 2
     proc = _cli("rnnddp.predict", real_run / "checkpoints" / "best.pt", *files)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
@@ -131,3 +132,25 @@ def test_evaluate_refuses_a_view_the_model_cannot_read(tiny_run: Path):
         f"error: checkpoint {tiny_run / 'checkpoints' / 'step_0000000.pt'} expects 28 features per step; "
         "data.view=pixels gives 1; leave data.view as the checkpoint has it"
     ]
+
+
+def test_kmnist_job_trains_and_evaluates_on_tiny_files(tmp_path: Path):
+    # The whole job path (locate, load, view, train, checkpoint, evaluate CLI) on a non-MNIST set.
+    write_idx(tmp_path / "data" / "KMNIST" / "raw", n_train=256, n_test=60)
+    run = tmp_path / "run"
+    args = ["data.dataset=kmnist", f"data.root={tmp_path / 'data'}", "data.view=columns", "model.hidden_size=8"]
+    args.append("data.val_size=64")  # 192 training images left: 3 steps of 64
+    run_job([*args, "train.global_batch_size=64", "train.epochs=1", "wandb.mode=offline", f"run_dir={run}"])
+    pictures = ["learning_curves.png", "confusion_matrix.png", "test_digits.png"]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(pictures)
+    logged_images = sorted(p.name.split("_3_")[0] for p in (run / "wandb").rglob("media/images/plots/*.png"))
+    assert logged_images == sorted(p.removesuffix(".png") for p in pictures)  # also W&B images, at step 3
+    logged = final_eval(run)["test/accuracy"]
+    assert [m["step"] for m in read_metrics(run) if "val/accuracy" in m] == [3]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnddp.evaluate", str(run)], env=job_env(), cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "view columns, data set kmnist" in proc.stdout
+    assert f"accuracy {logged:.4f}  (60 images)" in proc.stdout
+    assert (run / "plots" / "step_0000003_confusion_matrix.png").is_file()  # evaluate's own pictures

@@ -200,7 +200,7 @@ def test_sbatch_trains_on_one_node_to_the_accuracy_bar(finished_job: Job) -> Non
     state = latest_state(job.run_dir)
     assert state["global_step"] == STEPS and state["world_size"] == 2
     assert effective_train_steps(job.run_dir) == list(range(1, STEPS + 1))
-    accuracy = final_eval(job.run_dir)["eval/accuracy"]
+    accuracy = final_eval(job.run_dir)["test/accuracy"]
     assert accuracy > ACCURACY_BAR, f"test accuracy {accuracy} <= {ACCURACY_BAR}"
 
 
@@ -230,7 +230,7 @@ def test_usr1_checkpoints_requeues_and_the_second_run_resumes_exactly(
     assert state["global_step"] == STEPS
     for k, v in reference["model"].items():
         assert torch.equal(v, state["model"][k]), f"parameter {k} differs from the uninterrupted run"
-    assert final_eval(job.run_dir)["eval/accuracy"] == final_eval(finished_job.run_dir)["eval/accuracy"]
+    assert final_eval(job.run_dir)["test/accuracy"] == final_eval(finished_job.run_dir)["test/accuracy"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rnnddp.models import build_model
-from rnnddp.trainer import autocast_context
+from rnnddp.train.cuda_graph import GraphedStep
+from rnnddp.train.precision import Precision
 from tests.conftest import final_eval, in_process_trainer, latest_state, run_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -37,7 +38,7 @@ def test_lstm_takes_the_fused_cudnn_kernel_with_flat_weights():
 def test_autocast_step_is_finite_and_reports_the_rnn_dtype(precision):
     model = build_model(ARGS).cuda()
     x = torch.rand(64, 28, 28, device="cuda")
-    with autocast_context(precision, torch.device("cuda")):
+    with Precision(precision, torch.device("cuda")).autocast():
         out, _ = model.rnn(x)
         logits = model(x)
     print(f"precision={precision}: LSTM output dtype {out.dtype}, logits dtype {logits.dtype}")
@@ -62,7 +63,7 @@ def test_nccl_job_trains_under_torchrun(tmp_path: Path, mnist_root, precision):
         nproc=torch.cuda.device_count(),
     )
     assert "device cuda" in proc.stdout
-    assert final_eval(run)["eval/accuracy"] > 0.9
+    assert final_eval(run)["test/accuracy"] > 0.9
     state = latest_state(run)
     if precision != "fp32":
         # fp16, and bf16 too: cuDNN's RNN runs in fp16 under bf16 autocast, so the scaler is on.
@@ -95,18 +96,18 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path: Path, mnist_root, precisio
     ]
     eager = in_process_trainer(mnist_root, tmp_path / "eager", common, "cuda")
     graphed = in_process_trainer(mnist_root, tmp_path / "graph", [*common, "train.cuda_graph=true"], "cuda")
-    assert graphed.cuda_graph and not eager.cuda_graph
+    assert isinstance(graphed.step, GraphedStep) and not isinstance(eager.step, GraphedStep)
     losses = {"eager": [], "graph": []}
     for name, trainer in (("eager", eager), ("graph", graphed)):
-        for _, (x, y) in zip(range(40), trainer.train.epoch(0), strict=False):
-            losses[name].append(trainer.train_step(x, y).item())
-    assert graphed._graph is not None
+        for _, batch in zip(range(40), trainer.batches.epoch(0), strict=False):
+            losses[name].append(trainer.train_step(batch).item())
+    assert graphed.step.graph is not None
     assert losses["graph"][-1] < losses["graph"][0] * 0.8  # it learns
     torch.testing.assert_close(torch.tensor(losses["graph"]), torch.tensor(losses["eager"]), rtol=2e-3, atol=2e-3)
     for (name, a), b in zip(eager.module.named_parameters(), graphed.module.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
     # Evaluation runs the module's ordinary forward (eval mode) and agrees between the two.
-    acc = [t._evaluate_here()["accuracy"] for t in (eager, graphed)]
+    acc = [t.validate(t.module)["accuracy"] for t in (eager, graphed)]
     assert abs(acc[0] - acc[1]) < 0.01, acc
 
 
@@ -115,7 +116,7 @@ def test_cuda_graph_job_trains_saves_and_resumes(tmp_path: Path, mnist_root):
     args = [f"data.root={mnist_root}", "train.cuda_graph=true", "wandb.mode=disabled", f"run_dir={run}"]
     first = run_job([*args, "train.max_steps=300", "checkpoint.every_steps=150"])
     assert "captured the training step" in first.stdout
-    assert final_eval(run)["eval/accuracy"] > 0.9
+    assert final_eval(run)["test/accuracy"] > 0.9
     # Resume from the step-150 checkpoint into a new run: the graph is captured after the load.
     again = run_job(
         [
@@ -126,4 +127,4 @@ def test_cuda_graph_job_trains_saves_and_resumes(tmp_path: Path, mnist_root):
         ]
     )
     assert "captured" in again.stdout
-    assert final_eval(tmp_path / "resumed")["eval/accuracy"] > 0.9
+    assert final_eval(tmp_path / "resumed")["test/accuracy"] > 0.9

@@ -35,7 +35,7 @@ def test_seed_config_two_ranks_reaches_bar(config: str, steps: int, bar: float, 
     )
     result = final_eval(run)
     assert result["step"] == steps
-    assert result["eval/accuracy"] >= bar, result
+    assert result["test/accuracy"] >= bar, result
     state = latest_state(run)
     assert state["world_size"] == 2
     expected = {"seed_bilstm": ("bidirectional", True), "seed_gru": ("cell", "gru"), "seed_cnn": ("name", "cnn")}

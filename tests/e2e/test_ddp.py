@@ -167,7 +167,7 @@ def test_accelerate_launch_trains_on_cpu(tmp_path: Path, mnist_root):
     state = latest_state(tmp_path / "run")
     assert state["world_size"] == 2 and state["global_step"] == 60
     assert "precision bf16" in proc.stdout
-    assert final_eval(tmp_path / "run")["eval/accuracy"] > 0.5  # 60 steps already learn something
+    assert final_eval(tmp_path / "run")["test/accuracy"] > 0.5  # 60 steps already learn something
 
 
 def test_wandb_offline_run_id_survives_resume(tmp_path: Path, mnist_root):

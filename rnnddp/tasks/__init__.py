@@ -1,0 +1,14 @@
+"""The tasks and their registry: one module per task, one line here (see base.py for the protocol)."""
+
+from __future__ import annotations
+
+from rnnddp.tasks.base import Splits, Task
+from rnnddp.tasks.classify import Classify
+from rnnddp.tasks.sine_regression import SineRegression
+
+TASKS: dict[str, type[Task]] = {
+    "classify": Classify,
+    "sine_regression": SineRegression,
+}
+
+__all__ = ["TASKS", "Splits", "Task"]

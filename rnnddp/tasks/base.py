@@ -1,0 +1,102 @@
+"""What a task is: everything about *what* is trained, apart from *how* (rnnddp/train/).
+
+A task owns its config section, its train/validation/test splits, its batches, the model's
+constructor arguments, the loss of a batch, its evaluation and the metric that picks ``best.pt``,
+what must match on resume, what it adds to a checkpoint, and its pictures. ``rnnddp.job`` looks
+the task up once (``rnnddp.tasks.TASKS``) and wires these into the generic trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rnnddp.data.batches import Split, Transform
+from rnnddp.dist import DistInfo
+from rnnddp.metrics import Metric
+from rnnddp.train.trainer import Batches
+
+Picture = Callable[[Path], Path]  # draws one picture into the given file
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split | None  # None: no validation (no periodic evaluation, no best.pt)
+    test: Split
+
+
+class Task:
+    name: ClassVar[str]
+    section: ClassVar[str]  # the config section it owns (cfg.<section>)
+    Section: ClassVar[type]  # that section's dataclass: keys, types and defaults
+    metric: ClassVar[Metric]
+    cuda_graph_unsupported: ClassVar[str | None] = None  # why train.cuda_graph cannot hold its step
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # allowed values of its config keys, from their registries
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        """Refuse settings this task cannot train (raise UserError with one line)."""
+
+    def __init__(self, cfg: Any, info: DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+
+    @property
+    def settings(self) -> Any:
+        """This task's own config section."""
+        return getattr(self.cfg, self.section)
+
+    def model_args(self) -> dict:
+        raise NotImplementedError
+
+    def load(self) -> Splits:
+        """Train, validation and test splits (may use collectives: every rank calls it)."""
+        raise NotImplementedError
+
+    def train_batches(self, split: Split) -> Batches:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(
+        self, module: nn.Module, split: Split, autocast: contextlib.AbstractContextManager, detail: bool = False
+    ) -> dict[str, Any]:
+        """``loss`` and ``metric.name`` over every sample of ``split`` (rank 0 alone; no collectives).
+
+        ``detail`` adds what pictures and reports need (predictions, a confusion matrix).
+        """
+        raise NotImplementedError
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint trained on other data (raise UserError naming the key and the fix)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Entries this task adds to a checkpoint (every rank calls it; it may gather)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what ``state_dict`` stored (a resume, or evaluate restoring a checkpoint)."""
+
+    def pictures(self, result: dict[str, Any], split: Split) -> dict[str, Picture]:
+        """Pictures of an evaluation with ``detail``: name -> drawer."""
+        return {}
+
+    def describe(self) -> str:
+        """What was trained, in a few words (evaluate's header)."""
+        return f"task {self.name}"
+
+    def report(self, result: dict[str, Any], split: Split) -> list[str]:
+        """evaluate's printed lines for a test result with ``detail``."""
+        name = self.metric.name
+        return [f"test loss {result['loss']:.4f}  {name} {result[name]:.4f}  ({int(result['samples'])} samples)"]
+
+    def predict_view(self) -> Transform | None:
+        """For ``rnnddp-predict``: how a 28x28 uint8 image becomes the model's input; None: not an image task."""
+        return None

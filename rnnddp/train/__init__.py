@@ -1,0 +1,1 @@
+"""How a model is trained, whatever the task: precision, optimiser and schedule, the step, CUDA graphs, the loop."""
