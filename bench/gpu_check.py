@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnddp.models import build_model
-from rnnddp.trainer import autocast_context
+from rnnddp.train.precision import Precision
 
 
 def _args(hidden: int, input_size: int = 28) -> dict:
@@ -41,7 +41,7 @@ def rnn_dtypes() -> dict[str, str]:
     x = torch.rand(8, 28, 28, device="cuda")
     out = {}
     for p in ("bf16", "fp16"):
-        with autocast_context(p, torch.device("cuda")):
+        with Precision(p, torch.device("cuda")).autocast():
             y, _ = model.rnn(x)
         out[p] = str(y.dtype)
     # A bf16 module without autocast: does cuDNN take bf16 weights at all?
@@ -67,8 +67,8 @@ def step_throughput(
     model = build_model(_args(hidden, feat)).cuda()
     model.rnn.flatten_parameters()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    ctx = autocast_context(precision, torch.device("cuda"))
+    rule = Precision(precision, torch.device("cuda"))  # the job's rule: bf16 on CUDA is loss-scaled too
+    scaler, ctx = rule.grad_scaler(), rule.autocast()
     xs = torch.rand(8, batch, seq, feat, device="cuda")
     ys = torch.randint(0, 10, (8, batch), device="cuda")
 

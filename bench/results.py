@@ -1,11 +1,11 @@
-"""Reproduce the README's "Results" table: train each config to the end and report its test metric.
+"""Reproduce docs/results.md: train each config to the end and report the final model's test metric.
 
     python -m bench.results --root ../shared/data --nproc 2 seed_lstm seed_gru ...
 
 Each config in configs/ runs as the job itself (torchrun with --nproc ranks, or plain python
 for 1) in a fresh run directory, W&B off. Printed per config: model, view, epochs, the final
-test accuracy (or MSE for the sine task) from metrics.jsonl, and the wall time from launch to
-exit. The rows also go to bench_results/results.json.
+model's test accuracy (or MSE for the sine task) and the best validation result from
+metrics.jsonl, and the wall time from launch to exit. The rows also go to bench_results/results.json.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from bench.throughput import job_command, job_env
 from rnnddp.config import load_config
+from rnnddp.launch import job_command, job_env
+from rnnddp.tasks import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = [
@@ -43,7 +44,7 @@ def describe(cfg: Any) -> tuple[str, str]:
     """(model, view) as the table shows them."""
     m = cfg.model
     if cfg.task == "sine_regression":
-        return f"{m.cell.upper()}-{m.hidden_size}, per-step regression", f"sin->cos, chunks of {cfg.data.chunk_len}"
+        return f"{m.cell.upper()}-{m.hidden_size}, per-step regression", f"sin->cos, chunks of {cfg.sine.chunk_len}"
     if m.name == "cnn":
         return "CNN (2 conv + linear)", cfg.data.view
     layers = f"{m.num_layers}-layer " if m.num_layers > 1 else ""
@@ -73,15 +74,17 @@ def run_config(name: str, root: str, nproc: int, extra: list[str], tmp: Path) ->
         "command": f"{'torchrun --nproc_per_node=' + str(nproc) if nproc > 1 else 'python'} train_ddp.py "
         f"--config configs/{name}.yaml data.root={root}" + "".join(f" {e}" for e in extra),
     }
-    metric = "mse" if cfg.task == "sine_regression" else "accuracy"
-    evals = []
+    metric = TASKS[cfg.task].metric.name
+    tests, vals = [], []
     if (run_dir / "metrics.jsonl").is_file():
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        evals = [r for r in records if f"eval/{metric}" in r]
-    if proc.returncode != 0 or not evals:
+        tests = [r for r in records if f"test/{metric}" in r]
+        vals = [r for r in records if f"val/best_{metric}" in r]
+    if proc.returncode != 0 or not tests:
         row["error"] = (proc.stdout + proc.stderr)[-1500:]
     else:
-        row[metric] = evals[-1][f"eval/{metric}"]
+        row[metric] = tests[-1][f"test/{metric}"]
+        row[f"best_val_{metric}"] = vals[-1][f"val/best_{metric}"] if vals else None
     return row
 
 
@@ -89,9 +92,9 @@ def fmt(row: dict[str, Any]) -> str:
     if "error" in row:
         result = f"failed (exit {row['returncode']})"
     elif "mse" in row:
-        result = f"MSE {row['mse']:.4f}"
+        result = f"MSE {row['mse']:.4f} (best val {row['best_val_mse']:.4f})"
     else:
-        result = f"{100 * row['accuracy']:.2f}%"
+        result = f"{100 * row['accuracy']:.2f}% (best val {100 * row['best_val_accuracy']:.2f}%)"
     return f"| `{row['config']}.yaml` | {row['model']} | {row['view']} | {row['epochs']} | {result} | {row['wall_s']:.0f} s |"
 
 
@@ -109,7 +112,7 @@ def main(argv: list[str]) -> int:
         else f"{os.cpu_count()}-core {platform.machine()} CPU"
     )
     print(f"# {device}, torch {torch.__version__}, {a.nproc} rank(s), {time.strftime('%Y-%m-%d')}")
-    print("| config | model | view | epochs | test result | wall time |")
+    print("| config | model | view | epochs | final model on test (best validation) | wall time |")
     print("| --- | --- | --- | --- | --- | --- |")
     rows = []
     with tempfile.TemporaryDirectory(prefix="rnnddp-results-") as tmp:
