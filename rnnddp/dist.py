@@ -7,6 +7,7 @@ and runs as one process without a process group. Rank checks live here, nowhere 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -105,8 +106,8 @@ def flush_denormals(enabled: bool = True) -> bool:
     """Treat denormal floats (below ~1.2e-38) as zero on the CPU; True if every compute thread does.
 
     Gradients that fade over hundreds of recurrent steps become denormals, and x86 cores compute on
-    those ~100x slower: LSTM-128 on the 784-step pixel view with PyTorch's init trains ~11x faster
-    with this on (23 -> 262 samples/s on 2 cores). The intra-op and BLAS threads copy the setting
+    those far slower: LSTM-128 on the 784-step pixel view with PyTorch's init trains an order of
+    magnitude faster with this on (docs/performance.md). The intra-op and BLAS threads copy the setting
     only when they start, so entry points call this before any tensor work.
     """
     if not enabled or not torch.set_flush_denormal(True):  # False: this CPU has no such mode
@@ -125,6 +126,24 @@ def configure_cuda(tf32: bool) -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+
+
+def fast_exit(code: int) -> None:
+    """Exit with ``code`` after the exit handlers (logging's flush, W&B's teardown) but without the
+    interpreter's own teardown, which takes about a second once torch is loaded (docs/performance.md).
+
+    Falls back to a normal exit while a non-daemon thread still runs (Python would wait for it).
+    """
+    import atexit
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to lose
+            stream.flush()
+    os._exit(code)
 
 
 def teardown() -> None:
@@ -195,8 +214,8 @@ class FlagVote:
     Every rank calls ``vote(flag)`` once per step; every ``every``-th call starts an all-reduce
     that runs in the background on a CPU (gloo) group and is read at the next such call. So all
     ranks see the same answer at the same step, at most ``2 * every`` steps after the flag went
-    up, and none is left waiting alone in a collective. Voting every step cost ~5% of a small
-    LSTM's step on 2 CPU ranks; every 5th costs ~1%.
+    up, and none is left waiting alone in a collective. Voting at every step cost a small LSTM a
+    noticeable share of its step on 2 CPU ranks; every 5th does not (docs/performance.md).
     """
 
     def __init__(self, info: DistInfo, every: int = 5) -> None:
@@ -231,9 +250,8 @@ def allgather_mean_hook(group: Any, bucket: dist.GradBucket) -> torch.futures.Fu
     """DDP comm hook: average gradients with one all-gather instead of an all-reduce.
 
     On gloo over a few ranks, a small bucket is latency-bound: gloo's ring all-reduce takes
-    several message rounds (1.5 ms for LSTM-64's 100 KB on 2 CPU cores), an all-gather one
-    (0.8 ms). Every rank sums the same gathered copies in rank order, so all ranks get
-    bit-identical gradients. Each rank receives (W-1) buckets, so this pays only for small W.
+    several message rounds, an all-gather one (docs/performance.md has the figures). Every rank
+    sums the same gathered copies in rank order, so all ranks get bit-identical gradients. Each rank receives (W-1) buckets, so this pays only for small W.
     """
     group = group or dist.group.WORLD
     world = dist.get_world_size(group)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rnnddp import checkpoint, dist
+from rnnddp import checkpoint, dist, plots
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import to_dict, to_yaml
 from rnnddp.dist import DistInfo
@@ -28,7 +28,7 @@ from rnnddp.train import cuda_graph, faults
 from rnnddp.train.optim import build_optimizer, build_scheduler, total_steps
 from rnnddp.train.precision import Precision, resolve_precision
 from rnnddp.train.step import TrainStep
-from rnnddp.train.trainer import Trainer
+from rnnddp.train.trainer import Batches, Trainer
 
 log = logging.getLogger("rnnddp")
 # Checkpoints carry this; 2 = trained without the validation split's samples, task settings in
@@ -90,14 +90,19 @@ class Built:
 
 
 def build_trainer(
-    cfg: Any, info: DistInfo, manager: CheckpointManager, task: Task | None = None, splits: Splits | None = None
+    cfg: Any,
+    info: DistInfo,
+    manager: CheckpointManager,
+    task: Task | None = None,
+    splits: Splits | None = None,
+    batches: Batches | None = None,
 ) -> Built:
     """The task's data and batches, the model, optimiser, schedule, precision, step and Trainer, as the job runs them."""
     if info.device.type == "cuda":
         dist.configure_cuda(cfg.train.tf32)
     task = task or TASKS[cfg.task](cfg, info)
     splits = splits or task.load()
-    batches = task.train_batches(splits.train)
+    batches = batches or task.train_batches(splits.train)
     train = cfg.train
     graph_why = None
     if train.cuda_graph:
@@ -187,43 +192,54 @@ def run(cfg: Any, info: DistInfo) -> int:
     if state is not None:
         check_resumable(state, cfg, task, args, resume_path)
 
-    built = build_trainer(cfg, info, manager, task=task)
+    splits = task.load()
+    batches = task.train_batches(splits.train)  # bad input (data, batch size) stops the job before W&B starts
+    if state is not None and state["global_step"] >= total_steps(
+        cfg.train.epochs, cfg.train.max_steps, batches.steps_per_epoch
+    ):
+        log.info("run %s already finished at step %d (%s); nothing to do", cfg.name, state["global_step"], resume_path)
+        return 0
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.info("config:\n%s", to_yaml(cfg))
+    built = build_trainer(cfg, info, manager, task=task, splits=splits, batches=batches)
     trainer = built.trainer
-    if state is not None:
-        trainer.load_state_dict(state)
-        if trainer.finished:
-            log.info(
-                "run %s already finished at step %d (%s); nothing to do", cfg.name, trainer.global_step, resume_path
-            )
-            return 0
-        log.info(
-            "resuming from %s at step %d (epoch %d, batch %d)",
-            resume_path,
-            trainer.global_step,
-            trainer.epoch,
-            trainer.step_in_epoch,
-        )
     run_id = state.get("wandb_run_id") if state else new_run_id()
+    # W&B starts in a thread and training does not wait for it: its start is Python work that
+    # overlaps with the training steps' kernels (which release the GIL), not with building the model.
+    trainer.logger = MetricsLogger(
+        run_dir,
+        enabled=info.is_main,
+        wandb_cfg=cfg.wandb,
+        run_name=cfg.name,
+        config=to_dict(cfg),
+        run_id=run_id,
+        background=True,
+    )
     trainer.extra_state = {
         "format": CHECKPOINT_FORMAT,
         "model_args": args,
         "config": to_dict(cfg),
         "wandb_run_id": run_id,
     }
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log.info("config:\n%s", to_yaml(cfg))
-    trainer.logger = MetricsLogger(
-        run_dir, enabled=info.is_main, wandb_cfg=cfg.wandb, run_name=cfg.name, config=to_dict(cfg), run_id=run_id
-    )
-    if state is not None:
-        slurm = {k.lower(): os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT") if k in os.environ}
-        trainer.logger.event(
-            "resume", trainer.global_step, checkpoint=str(resume_path), world_size=info.world_size, **slurm
-        )
     test = None
     try:
+        if state is not None:
+            trainer.load_state_dict(state)
+            log.info(
+                "resuming from %s at step %d (epoch %d, batch %d)",
+                resume_path,
+                trainer.global_step,
+                trainer.epoch,
+                trainer.step_in_epoch,
+            )
+            slurm = {k.lower(): os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT") if k in os.environ}
+            trainer.logger.event(
+                "resume", trainer.global_step, checkpoint=str(resume_path), world_size=info.world_size, **slurm
+            )
+        if info.is_main:
+            plots.preload()  # only rank 0 draws
         status = trainer.fit()
         if status == "finished":
             test = evaluate_on_test(built, cfg, info, run_dir)

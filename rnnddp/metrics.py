@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,18 +63,57 @@ class MetricsLogger:
         run_name: str = "",
         config: dict | None = None,
         run_id: str | None = None,
+        background: bool = False,
     ) -> None:
+        """``background``: start W&B in a thread and go on; what is logged meanwhile goes to metrics.jsonl at
+        once and to W&B when it is up. Training does not wait for W&B's start (about a second)."""
         self.enabled = enabled
         self.run_id = run_id or new_run_id()
-        self.wandb_run = None
+        self._wandb_run: Any = None
+        self._starting: threading.Thread | None = None
+        self._pending: list[Callable[[Any], None]] = []  # W&B calls made before it was up, in order
         self._jsonl = None
         if not enabled:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115  (lives as long as the run)
-        if wandb_cfg is not None:
-            self.wandb_run = self._init_wandb(run_dir, wandb_cfg, run_name, config or {})
+        if wandb_cfg is None:
+            return
+        args = (run_dir, wandb_cfg, run_name, config or {})
+        if not background:
+            self._wandb_run = self._init_wandb(*args)
+            return
+
+        def start() -> None:
+            try:
+                self._wandb_run = self._init_wandb(*args)
+            except Exception as e:  # W&B is a by-product: the run goes on with metrics.jsonl
+                log.warning(
+                    "wandb could not start (%s); metrics go to metrics.jsonl only", str(e).splitlines()[0][:160]
+                )
+
+        self._starting = threading.Thread(target=start, name="wandb-start", daemon=True)
+        self._starting.start()
+
+    @property
+    def wandb_run(self) -> Any:
+        """The W&B run (None when off or failed to start), waiting for its start if need be."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        return self._wandb_run
+
+    def _to_wandb(self, call: Callable[[Any], None]) -> None:
+        """Make a W&B call now, or queue it while W&B is still starting (calls keep their order)."""
+        if self._starting is not None and self._starting.is_alive():
+            self._pending.append(call)
+            return
+        run = self.wandb_run
+        pending, self._pending = self._pending, []
+        if run is not None:
+            for queued in [*pending, call]:
+                queued(run)
 
     def _init_wandb(self, run_dir: Path, cfg: Any, run_name: str, config: dict) -> Any:
         mode = wandb_mode(cfg.mode)
@@ -106,16 +147,19 @@ class MetricsLogger:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         assert self._jsonl is not None
         self._jsonl.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self._to_wandb(lambda run: run.log(metrics, step=step))
 
     def images(self, paths: dict[str, Path], step: int) -> None:
         """Log picture files (learning curves, confusion matrix) as W&B images, when a W&B run is active."""
-        if self.wandb_run is None or not paths:
+        if not self.enabled or not paths:
             return
-        import wandb
 
-        self.wandb_run.log({f"plots/{k}": wandb.Image(str(p)) for k, p in paths.items()}, step=step)
+        def call(run: Any) -> None:
+            import wandb
+
+            run.log({f"plots/{k}": wandb.Image(str(p)) for k, p in paths.items()}, step=step)
+
+        self._to_wandb(call)
 
     def event(self, name: str, step: int, **fields: Any) -> None:
         """A non-metric record in metrics.jsonl (resume, stop), so step counts can be audited."""
@@ -123,17 +167,26 @@ class MetricsLogger:
             self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), "event": name, **fields}) + "\n")
 
     def summary(self, values: dict[str, float]) -> None:
-        if self.wandb_run is not None:
+        if not self.enabled:
+            return
+
+        def call(run: Any) -> None:
             for k, v in values.items():
-                self.wandb_run.summary[k] = v
+                run.summary[k] = v
+
+        self._to_wandb(call)
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        run = self.wandb_run  # waits for a start still under way
+        pending, self._pending = self._pending, []
+        if run is not None:
+            self._wandb_run = None
+            for queued in pending:
+                queued(run)
+            run.finish()
 
 
 def fmt(metrics: dict[str, float]) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rnnddp import dist
 from rnnddp.errors import UserError
 
 
@@ -74,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.fast_exit(main())
