@@ -31,6 +31,6 @@ step throughput_cuda_graph 90 "$py" -m bench.throughput --root "$root" --hidden 
 step throughput_cuda_graph_fp32 60 "$py" -m bench.throughput --root "$root" --hidden 128 --batch 256 --precision fp32 \
   --steps 300 --skip tutorial,ddp2,time_to_98.5,gpu_epoch,pixel_epoch --set train.cuda_graph=true \
   --out "$out/throughput_cuda_graph_fp32.json"
-step pytest_gpu 170 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+step pytest_gpu 170 "$py" -m pytest -q -rs -p no:cacheprovider tests/e2e/test_gpu.py
 step smnist 110 "$py" -m torch.distributed.run --nproc_per_node=1 train_ddp.py --config configs/smnist.yaml \
   "data.root=$root" wandb.mode=disabled run_dir=/tmp/rnnddp_smnist_gpu

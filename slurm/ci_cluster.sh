@@ -36,7 +36,7 @@ have_all() {
 }
 
 cmd_install() {
-  local lint=(shellcheck) # optional: tests/test_slurm.py lints slurm/ with it when present
+  local lint=(shellcheck) # optional: tests/e2e/test_slurm.py lints slurm/ with it when present
   command -v shellcheck >/dev/null 2>&1 && lint=()
   if have_all && [[ ${#lint[@]} -eq 0 ]]; then
     log "slurm, munge and shellcheck are installed"
