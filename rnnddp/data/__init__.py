@@ -1,0 +1,1 @@
+"""Data: on-disk formats (``mnist``), image-to-sequence views (``views``), splits and batches (``batches``)."""
