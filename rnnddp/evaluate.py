@@ -63,13 +63,7 @@ def restore(target: str | Path, overrides: list[str], device: torch.device | Non
     cfg = from_saved(state.get("config") or {}, overrides)
     task = TASKS[cfg.task](cfg, DistInfo(device=device or torch.device("cpu")))
     args = state["model_args"]
-    expected = task.model_args().get("input_size")
-    if "input_size" in args and expected is not None and args["input_size"] != expected:
-        # An override such as data.view=pixels on a rows model: refuse before a shape error.
-        raise UserError(
-            f"checkpoint {path} expects {args['input_size']} features per step; data.view={cfg.data.view} "
-            f"gives {expected}; leave data.view as the checkpoint has it"
-        )
+    task.check_restorable(args, path)  # e.g. an override that gives the model inputs of another size
     module = build_model(args)
     try:
         module.load_state_dict(state["model"])
@@ -123,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir / "plots",
             pictures,
             metrics_path=run_dir / "metrics.jsonl",
-            metric=r.task.metric.name,
+            metric=r.task.metric,
             prefix=f"{r.path.stem}_",
         )
         for path in written.values():

@@ -6,6 +6,7 @@ the model, optimiser, schedule, precision, step and trainer through it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.metrics import MetricsLogger, new_run_id
 from rnnddp.models import initial_model, place
 from rnnddp.plots import write_plots
+from rnnddp.preemption import StopRequest
 from rnnddp.tasks import TASKS, Splits, Task
 from rnnddp.train import cuda_graph, faults
 from rnnddp.train.optim import build_optimizer, build_scheduler, total_steps
@@ -96,6 +98,7 @@ def build_trainer(
     task: Task | None = None,
     splits: Splits | None = None,
     batches: Batches | None = None,
+    stop: StopRequest | None = None,
 ) -> Built:
     """The task's data and batches, the model, optimiser, schedule, precision, step and Trainer, as the job runs them."""
     if info.device.type == "cuda":
@@ -157,7 +160,10 @@ def build_trainer(
         seed=cfg.seed,
         stateful=[task],
         hooks=[kill] if kill else [],
-        description=f"precision {precision.name}, device {info.device}" + (", CUDA graph" if graphed else ""),
+        stop=stop,
+        description=f"precision {precision.name}, device {info.device}, backend {info.backend or 'none'}"
+        + (f", gradients by {dist.grad_sync_mode(cfg.dist.grad_sync, info)}" if info.distributed else "")
+        + (", CUDA graph" if graphed else ""),
     )
     return Built(trainer, task, splits, precision)
 
@@ -174,7 +180,7 @@ def evaluate_on_test(built: Built, cfg: Any, info: DistInfo, run_dir: Path) -> d
     trainer.logger.summary({f"test/{name}": result[name], "test/loss": result["loss"]})
     pictures = task.pictures(result, test)
     metrics = run_dir / "metrics.jsonl"
-    written = write_plots(run_dir / "plots", pictures, metrics_path=metrics, metric=name)
+    written = write_plots(run_dir / "plots", pictures, metrics_path=metrics, metric=task.metric)
     if written:
         log.info("plots: %s", ", ".join(str(p) for p in written.values()))
     trainer.logger.images(written, trainer.global_step)
@@ -194,17 +200,50 @@ def run(cfg: Any, info: DistInfo) -> int:
 
     splits = task.load()
     batches = task.train_batches(splits.train)  # bad input (data, batch size) stops the job before W&B starts
-    if state is not None and state["global_step"] >= total_steps(
+    trained = state is not None and state["global_step"] >= total_steps(
         cfg.train.epochs, cfg.train.max_steps, batches.steps_per_epoch
-    ):
+    )
+    # Every rank takes the same branch: any rank that sees no final test makes all of them test.
+    if trained and dist.all_ok(_tested(run_dir, state["global_step"]), info):
         log.info("run %s already finished at step %d (%s); nothing to do", cfg.name, state["global_step"], resume_path)
         return 0
+    stop = StopRequest(list(cfg.train.stop_signals))  # held through the final test, not only fit
+    try:
+        return _train_and_test(cfg, info, manager, task, splits, batches, state, resume_path, trained, stop)
+    finally:
+        stop.close()
+
+
+def _tested(run_dir: Path, step: int) -> bool:
+    """Whether the run directory records the final test of step ``step`` (its ``finished`` event)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    return any('"event": "finished"' in line and json.loads(line).get("step") == step for line in lines)
+
+
+def _train_and_test(
+    cfg: Any,
+    info: DistInfo,
+    manager: CheckpointManager,
+    task: Task,
+    splits: Splits,
+    batches: Batches,
+    state: dict[str, Any] | None,
+    resume_path: Path | None,
+    trained: bool,
+    stop: StopRequest,
+) -> int:
+    run_dir = Path(cfg.run_dir)
+    built = build_trainer(cfg, info, manager, task=task, splits=splits, batches=batches, stop=stop)
+    trainer = built.trainer
+    if state is not None:
+        trainer.load_state_dict(state)  # before anything is written: a refusal here leaves the run as it was
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("config:\n%s", to_yaml(cfg))
-    built = build_trainer(cfg, info, manager, task=task, splits=splits, batches=batches)
-    trainer = built.trainer
     run_id = state.get("wandb_run_id") if state else new_run_id()
     # W&B starts in a thread and training does not wait for it: its start is Python work that
     # overlaps with the training steps' kernels (which release the GIL), not with building the model.
@@ -219,14 +258,13 @@ def run(cfg: Any, info: DistInfo) -> int:
     )
     trainer.extra_state = {
         "format": CHECKPOINT_FORMAT,
-        "model_args": args,
+        "model_args": task.model_args(),
         "config": to_dict(cfg),
         "wandb_run_id": run_id,
     }
     test = None
     try:
         if state is not None:
-            trainer.load_state_dict(state)
             log.info(
                 "resuming from %s at step %d (epoch %d, batch %d)",
                 resume_path,
@@ -240,7 +278,11 @@ def run(cfg: Any, info: DistInfo) -> int:
             )
         if info.is_main:
             plots.preload()  # only rank 0 draws
-        status = trainer.fit()
+        if trained:  # trained to the end before, but stopped before its final test
+            log.info("run %s was trained to step %d; testing its final model", cfg.name, trainer.global_step)
+            status = "finished"
+        else:
+            status = trainer.fit()
         if status == "finished":
             test = evaluate_on_test(built, cfg, info, run_dir)
             trainer.logger.event("finished", trainer.global_step)
@@ -256,7 +298,7 @@ def run(cfg: Any, info: DistInfo) -> int:
         )
         return EXIT_STOPPED
     if test is not None:
-        name = task.metric.name
+        name = built.task.metric.name
         log.info(
             "done: best val %s %.4f; final model: test %s %.4f, loss %.4f",
             name,

@@ -21,6 +21,7 @@ from typing import Any
 
 log = logging.getLogger("rnnddp")
 WANDB_MODES = ("auto", "online", "offline", "disabled")  # wandb.mode
+START_WAIT_S = 60  # how long the first W&B call that needs the run waits for a background start
 
 
 def setup_logging(is_main: bool, rank: int = 0) -> None:
@@ -98,9 +99,12 @@ class MetricsLogger:
 
     @property
     def wandb_run(self) -> Any:
-        """The W&B run (None when off or failed to start), waiting for its start if need be."""
+        """The W&B run (None when off, failed or not up in time), waiting for its start if need be."""
         if self._starting is not None:
-            self._starting.join()
+            self._starting.join(timeout=START_WAIT_S)
+            if self._starting.is_alive():  # still starting: give up on it (the thread is a daemon)
+                log.warning("wandb did not start within %d s; metrics go to metrics.jsonl only", START_WAIT_S)
+                self._wandb_run = None
             self._starting = None
         return self._wandb_run
 
@@ -109,11 +113,19 @@ class MetricsLogger:
         if self._starting is not None and self._starting.is_alive():
             self._pending.append(call)
             return
+        self._drain([call])
+
+    def _drain(self, calls: list[Callable[[Any], None]]) -> None:
         run = self.wandb_run
         pending, self._pending = self._pending, []
-        if run is not None:
-            for queued in [*pending, call]:
+        if run is None:
+            return
+        try:
+            for queued in [*pending, *calls]:
                 queued(run)
+        except Exception as e:  # W&B's service died or refused: warn once, keep metrics.jsonl going
+            log.warning("wandb failed (%s); metrics go to metrics.jsonl only from here on", _first_line(e))
+            self._wandb_run = None
 
     def _init_wandb(self, run_dir: Path, cfg: Any, run_name: str, config: dict) -> Any:
         mode = wandb_mode(cfg.mode)
@@ -136,7 +148,7 @@ class MetricsLogger:
         except Exception as e:  # online but no network, or the service refused us
             if mode != "online":
                 raise
-            log.warning("wandb online init failed (%s); logging offline instead", str(e).splitlines()[0][:120])
+            log.warning("wandb online init failed (%s); logging offline instead", _first_line(e))
             run = wandb.init(mode="offline", settings=wandb.Settings(console="off"), **kwargs)
         log.info("wandb: %s run %s in %s", mode, self.run_id, run.dir)
         return run
@@ -180,13 +192,12 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        run = self.wandb_run  # waits for a start still under way
-        pending, self._pending = self._pending, []
-        if run is not None:
-            self._wandb_run = None
-            for queued in pending:
-                queued(run)
-            run.finish()
+        self._drain([lambda run: run.finish()])  # waits for a start still under way
+        self._wandb_run = None
+
+
+def _first_line(e: BaseException) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:160]
 
 
 def fmt(metrics: dict[str, float]) -> str:
@@ -206,6 +217,7 @@ class Metric:
 
     name: str  # accuracy | mse | ...
     higher_is_better: bool
+    log_scale: bool = False  # plotted on a log axis (an error that falls by orders of magnitude)
 
     def better(self, value: float, best: float | None) -> bool:
         """Whether ``value`` beats ``best`` (None: no result yet); NaN never does."""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from rnnddp.metrics import Metric
+
 
 def pyplot():
     import matplotlib
@@ -47,9 +49,10 @@ def effective_records(metrics_path: Path) -> list[dict]:
     return records
 
 
-def learning_curves(metrics_path: Path, out: Path, metric: str) -> Path:
+def learning_curves(metrics_path: Path, out: Path, metric: Metric) -> Path:
     """Train and validation loss (left) and the validation metric (right) against the step; the test result as a star."""
     plt = pyplot()
+    log_scale, metric = metric.log_scale, metric.name
     recs = effective_records(metrics_path)
     train = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
     val = [(r["step"], r["val/loss"], r[f"val/{metric}"]) for r in recs if f"val/{metric}" in r]
@@ -68,9 +71,9 @@ def learning_curves(metrics_path: Path, out: Path, metric: str) -> Path:
         ax_metric.plot([step], [value], "*", color="C3", markersize=12, label="test (final model)")
         title += f"; test {value:.4f}"
     ax_metric.set_title(title)
-    ax_loss.set(xlabel="step", ylabel="MSE" if metric == "mse" else "loss", yscale="log", title="loss")
+    ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
     ax_loss.legend()
-    ax_metric.set(xlabel="step", ylabel=metric, yscale="log" if metric == "mse" else "linear")
+    ax_metric.set(xlabel="step", ylabel=metric, yscale="log" if log_scale else "linear")
     if val or test:
         ax_metric.legend()
     ax_metric.grid(alpha=0.3)
@@ -145,7 +148,7 @@ def write_plots(
     pictures: dict[str, Callable[[Path], Path]],
     *,
     metrics_path: Path | None = None,
-    metric: str = "",
+    metric: Metric | None = None,
     prefix: str = "",
 ) -> dict[str, Path]:
     """Draw the learning curves (from ``metrics_path``) and each of ``pictures`` into ``out_dir``; returns {name: file}.
@@ -156,7 +159,7 @@ def write_plots(
     written: dict[str, Path] = {}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if metrics_path is not None and metrics_path.is_file():
+        if metrics_path is not None and metric is not None and metrics_path.is_file():
             out = out_dir / f"{prefix}learning_curves.png"
             written["learning_curves"] = learning_curves(metrics_path, out, metric)
         for name, draw in pictures.items():

@@ -19,6 +19,7 @@ from torch import nn
 
 from rnnddp.data.batches import Split, Transform
 from rnnddp.dist import DistInfo
+from rnnddp.errors import UserError
 from rnnddp.metrics import Metric
 from rnnddp.train.trainer import Batches
 
@@ -73,6 +74,15 @@ class Task:
         ``detail`` adds what pictures and reports need (predictions, a confusion matrix).
         """
         raise NotImplementedError
+
+    def check_restorable(self, saved_args: dict, path: Path) -> None:
+        """Refuse to feed a checkpoint's network (``saved_args``) inputs it was not built for."""
+        wanted, given = saved_args.get("input_size"), self.model_args().get("input_size")
+        if wanted is not None and given is not None and wanted != given:
+            raise UserError(
+                f"checkpoint {path} expects {wanted} features per step; this config gives {given}; "
+                "leave the data settings as the checkpoint has them"
+            )
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint trained on other data (raise UserError naming the key and the fix)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from rnnddp import dist, plots
@@ -146,20 +147,34 @@ class Classify(Task):
             result["predictions"] = torch.cat(preds)
         return result
 
+    # What the training set and the position in it depend on: another value would train on other
+    # images (the validation ones, say) or put the saved step in another epoch.
+    RESUME_KEYS = ("data.dataset", "data.view", "data.val_size", "train.global_batch_size")
+
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
-        saved = (state.get("config") or {}).get("data", {})
-        for key in ("dataset", "view"):
-            before, now = saved.get(key), getattr(self.cfg.data, key)
+        saved_cfg = OmegaConf.create(state.get("config") or {})
+        now_cfg = OmegaConf.structured(self.cfg)
+        for key in self.RESUME_KEYS:
+            before, now = OmegaConf.select(saved_cfg, key), OmegaConf.select(now_cfg, key)
             if before != now:
                 raise UserError(
-                    f"checkpoint {path} was trained with data.{key}={before}, the config says {now}; "
-                    f"set data.{key}={before} or start a new run with another name="
+                    f"checkpoint {path} was trained with {key}={before}, the config says {now}; "
+                    f"set {key}={before} or start a new run with another name="
                 )
+        saved = (state.get("config") or {}).get("data", {})
         perm, saved_perm = self.view.permutation, state.get("permutation")
         if perm is not None and (saved_perm is None or not torch.equal(saved_perm, perm)):
             raise UserError(
                 f"checkpoint {path} used another pixel permutation; set data.permutation_seed="
                 f"{saved.get('permutation_seed')} or start a new run with another name="
+            )
+
+    def check_restorable(self, saved_args: dict, path: Path) -> None:
+        wanted = saved_args.get("input_size")
+        if saved_args.get("name", "rnn") == "rnn" and wanted != self.view.input_size:
+            raise UserError(
+                f"checkpoint {path} expects {wanted} features per step; data.view={self.view.name} "
+                f"gives {self.view.input_size}; leave data.view as the checkpoint has it"
             )
 
     def state_dict(self) -> dict[str, Any]:

@@ -164,12 +164,20 @@ class SineRegression(Task):
     name = "sine_regression"
     section = "sine"
     Section = SineConfig
-    metric = Metric("mse", higher_is_better=False)
+    metric = Metric("mse", higher_is_better=False, log_scale=True)
     cuda_graph_unsupported = "the sine task's carried hidden state changes the model's call from chunk to chunk"
     choices: dict[str, tuple[str, ...]] = {}
     # The sequences are generated from these settings and the seed, and a checkpoint taken
-    # mid-sequence carries a state for exactly that global batch and chunk position.
-    RESUME_KEYS = ("sine.sequences", "sine.length", "sine.chunk_len", "seed", "train.global_batch_size")
+    # mid-sequence carries a state for exactly that global batch and chunk position; best.pt
+    # compares validation results, so the validation set stays too.
+    RESUME_KEYS = (
+        "sine.sequences",
+        "sine.length",
+        "sine.chunk_len",
+        "seed",
+        "train.global_batch_size",
+        "sine.val_sequences",
+    )
 
     @classmethod
     def validate(cls, cfg: Any) -> None:

@@ -111,6 +111,7 @@ class Trainer:
         stateful: list[Stateful] | None = None,
         hooks: list[Callable[[int], None]] | None = None,
         logger: MetricsLogger | None = None,
+        stop: StopRequest | None = None,
         description: str = "",
     ) -> None:
         self.cfg, self.info = train, info
@@ -126,6 +127,9 @@ class Trainer:
         self.hooks = hooks or []
         self.logger = logger or MetricsLogger("", enabled=False)
         self.description = description  # what is trained, for the first log line
+        # The caller may own the stop handlers (to keep them through what follows fit); else fit does.
+        self.stop = stop
+        self._owns_stop = stop is None
         self.extra_state: dict[str, Any] = {}  # model args, config, run id: stored, not used here
         self.total_steps = total_steps(train.epochs, train.max_steps, batches.steps_per_epoch)
         self.epoch = 0
@@ -215,7 +219,8 @@ class Trainer:
             info.world_size,
             f", {self.description}" if self.description else "",
         )
-        self.stop = StopRequest(list(cfg.stop_signals))
+        if self._owns_stop:
+            self.stop = StopRequest(list(cfg.stop_signals))
         vote = dist.FlagVote(info)
         bar = self._progress_bar()
         self._window.reset()
@@ -223,6 +228,7 @@ class Trainer:
         self.logger.event("train_begin", self.global_step)
         try:
             while not self.finished:
+                before = self.global_step
                 for batch in self.batches.epoch(self.epoch, self.step_in_epoch):
                     self._window.add(self.train_step(batch))
                     self.step_in_epoch += 1
@@ -231,7 +237,8 @@ class Trainer:
                         bar.update(1)
                     for hook in self.hooks:
                         hook(self.global_step)
-                    if vote(self.stop.requested):
+                    # The last step finishes the run instead: validate, save and test (seconds), exit 0.
+                    if not self.finished and vote(self.stop.requested):
                         vote.close()
                         self._log_window(bar)
                         self._save()
@@ -246,9 +253,15 @@ class Trainer:
                     self._after_step(bar)
                     if self.finished:
                         break
+                if self.global_step == before:  # a position past the epoch's end would loop forever
+                    raise RuntimeError(
+                        f"epoch {self.epoch} has no batch at or after {self.step_in_epoch} of "
+                        f"{self.batches.steps_per_epoch}; the checkpoint does not fit this data"
+                    )
         finally:
             vote.close()
-            self.stop.close()
+            if self._owns_stop:
+                self.stop.close()
             if bar is not None:
                 bar.close()
         self.logger.event("train_end", self.global_step)

@@ -11,6 +11,7 @@ import torch
 
 from rnnddp.models import build_model
 from tests.conftest import REPO, final_eval, free_port, job_env, latest_state, read_metrics, run_job
+from tests.wandb_files import history, offline_runs
 
 SHORT = [
     "model.hidden_size=32",
@@ -33,7 +34,10 @@ def test_two_ranks_match_one_process(tmp_path: Path, mnist_root, grad_sync: str)
     # Same seed and global batch: gradients averaged over 2 shards == one process on the batch.
     args = [*SHORT, f"data.root={mnist_root}", "train.max_steps=20", "optim.lr=0.01", "sched.name=cosine"]
     run_job([*args, f"run_dir={tmp_path}/w1"], nproc=1)
-    run_job([*args, f"dist.grad_sync={grad_sync}", f"run_dir={tmp_path}/w2"], nproc=2)
+    two_proc = run_job([*args, f"dist.grad_sync={grad_sync}", f"run_dir={tmp_path}/w2"], nproc=2)
+    # auto on gloo with 2 ranks is the all-gather (see the bit-for-bit test below for what it gives).
+    expected = {"auto": "allgather", "allreduce": "allreduce"}[grad_sync]
+    assert f"gradients by {expected}" in two_proc.stdout, two_proc.stdout[-2000:]
     one, two = latest_state(tmp_path / "w1"), latest_state(tmp_path / "w2")
     assert one["global_step"] == two["global_step"] == 20
     assert two["world_size"] == 2 and len(two["rng"]) == 2
@@ -43,6 +47,48 @@ def test_two_ranks_match_one_process(tmp_path: Path, mnist_root, grad_sync: str)
     init = build_model(one["model_args"]).state_dict()
     moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
     assert moved > 1e-3
+
+
+def _grads_on_rank(rank: int, world: int, port: int, mode: str, out: str) -> None:
+    import torch.distributed as tdist
+
+    from rnnddp.dist import DistInfo, wrap_ddp
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        args = dict(cell="lstm", input_size=28, hidden_size=16, num_layers=1, dropout=0.0, bidirectional=False)
+        module = build_model({**args, "num_classes": 10})
+        info = DistInfo(rank=rank, world_size=world, backend="gloo")
+        model = wrap_ddp(module, info, mode)
+        x = torch.randn(8, 28, 28, generator=torch.Generator().manual_seed(100 + rank))  # another batch per rank
+        y = torch.arange(8) % 10
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        synced = [p.grad.clone() for p in module.parameters()]
+        # Each rank's own gradients, gathered, summed in rank order and divided: what the hook promises.
+        reference = build_model({**args, "num_classes": 10})
+        reference.load_state_dict(module.state_dict())
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        own = [p.grad for p in reference.parameters()]
+        every: list = [None] * world
+        tdist.all_gather_object(every, own)
+        mean = [sum(g[i] for g in every) / world for i in range(len(own))]
+        torch.save({"synced": synced, "mean": mean}, f"{out}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_allgather_hook_gives_every_rank_the_same_mean_bit_for_bit(tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _grads_on_rank, args=(2, free_port(), "allgather", str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for a, b, m in zip(r0["synced"], r1["synced"], r0["mean"], strict=True):
+        assert torch.equal(a, b)  # bit-identical on both ranks
+        assert torch.equal(a, m)  # exactly the rank-order mean (two ranks: one addition, one division)
+    assert any(g.abs().max() > 0 for g in r0["synced"])
 
 
 def test_resume_mid_epoch_is_bitwise_exact(tmp_path: Path, mnist_root):
@@ -172,10 +218,16 @@ def test_accelerate_launch_trains_on_cpu(tmp_path: Path, mnist_root):
 
 def test_wandb_offline_run_id_survives_resume(tmp_path: Path, mnist_root):
     run = tmp_path / "run"
-    args = [*SHORT, f"data.root={mnist_root}", "wandb.mode=offline", f"run_dir={run}"]
+    args = [*SHORT, f"data.root={mnist_root}", "wandb.mode=offline", "train.log_every_steps=5", f"run_dir={run}"]
     run_job([*args, "train.max_steps=5"], nproc=2)
     first = latest_state(run)["wandb_run_id"]
     run_job([*args, "train.max_steps=10"], nproc=2)
     assert latest_state(run)["wandb_run_id"] == first
-    runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(first) for name in runs), runs  # one W&B run, two sessions
+    files = offline_runs(run)
+    assert len(files) == 2 and all(f.name == f"run-{first}.wandb" for f in files), files  # one W&B run, two sessions
+    # What W&B holds, read back from its files: each step once over both sessions, with what was logged there.
+    rows = [row for f in files for row in history(f)]
+    assert [int(r["_step"]) for r in rows] == [5, 10], rows
+    assert all("train/loss" in r and "val/accuracy" in r and "test/accuracy" in r for r in rows)
+    logged = {m["step"]: m["train/loss"] for m in read_metrics(run) if "train/loss" in m}
+    assert [float(r["train/loss"]) for r in rows] == pytest.approx([logged[5], logged[10]], rel=1e-6)

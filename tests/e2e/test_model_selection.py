@@ -73,3 +73,42 @@ def test_a_checkpoint_from_before_the_validation_split_is_refused_but_evaluates(
         text=True,
     )
     assert cli.returncode == 0 and "(10000 images)" in cli.stdout, cli.stderr
+
+
+def test_a_run_stopped_before_its_final_test_is_tested_on_rerun(tmp_path: Path, mnist_root):
+    # As if the job were killed between its last checkpoint and the end of its final test.
+    run = tmp_path / "run"
+    args = [
+        "model.hidden_size=16",
+        "train.max_steps=20",
+        "wandb.mode=disabled",
+        f"data.root={mnist_root}",
+        f"run_dir={run}",
+    ]
+    run_job(args)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    kept = [ln for ln in lines if '"test/' not in ln and '"event": "finished"' not in ln]
+    assert len(kept) == len(lines) - 2
+    metrics.write_text("\n".join(kept) + "\n")
+    again = run_job(args)
+    assert "was trained to step 20; testing its final model" in again.stdout, again.stdout[-2000:]
+    records = read_metrics(run)
+    assert [r["step"] for r in records if "train/loss" in r] == [20]  # nothing trained twice
+    assert final_eval(run)["step"] == 20 and records[-1]["event"] == "finished"
+    third = run_job(args)
+    assert "already finished at step 20" in third.stdout
+
+
+def test_resume_refuses_another_validation_split_or_global_batch(tmp_path: Path, mnist_root):
+    run = tmp_path / "run"
+    args = ["model.hidden_size=16", "wandb.mode=disabled", f"data.root={mnist_root}", f"run_dir={run}"]
+    run_job([*args, "train.max_steps=5"])
+    ckpt = run / "checkpoints" / "step_0000005.pt"
+    for key, before, now in [("data.val_size", 5000, 4000), ("train.global_batch_size", 128, 64)]:
+        proc = run_job([*args, "train.max_steps=10", f"{key}={now}"], check=False)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            f"error: checkpoint {ckpt} was trained with {key}={before}, the config says {now}; "
+            f"set {key}={before} or start a new run with another name="
+        ]

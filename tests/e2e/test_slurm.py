@@ -248,6 +248,6 @@ def test_scripts_pass_shellcheck() -> None:
             timeout=300,
         )
     if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed and could not be (apt-get install -y shellcheck)")
+        _unavailable("shellcheck is not installed and could not be (apt-get install -y shellcheck)")
     proc = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

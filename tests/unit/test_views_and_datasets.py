@@ -229,7 +229,7 @@ def test_plots_from_metrics_confusion_and_predictions(tmp_path: Path):
     confusion = torch.bincount(split.targets * 10 + preds, minlength=100).view(10, 10)
     task = TASKS["classify"](load_config([]), DistInfo())
     pictures = task.pictures({"confusion": confusion, "predictions": preds}, split)
-    written = write_plots(tmp_path / "plots", pictures, metrics_path=metrics, metric="accuracy", prefix="x_")
+    written = write_plots(tmp_path / "plots", pictures, metrics_path=metrics, metric=task.metric, prefix="x_")
     assert sorted(written) == ["confusion_matrix", "learning_curves", "test_digits"]
     assert all(p.stat().st_size > 1000 and p.name.startswith("x_") for p in written.values())
     # Unwritable target: a warning and nothing written, never an exception.

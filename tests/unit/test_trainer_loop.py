@@ -1,0 +1,27 @@
+"""The generic loop in-process: a stop request on the last step finishes the run instead of stopping it."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from rnnddp.preemption import StopRequest
+from tests.conftest import in_process_trainer
+
+
+def _requested() -> StopRequest:
+    stop = StopRequest([])  # no handlers: the flag is set by hand, as a signal would set it
+    stop.signum = signal.SIGTERM
+    return stop
+
+
+def test_a_stop_request_before_the_last_step_stops_with_a_checkpoint(tmp_path: Path, mnist_root):
+    trainer = in_process_trainer(mnist_root, tmp_path, ["model.hidden_size=8", "train.max_steps=3"])
+    trainer.stop, trainer._owns_stop = _requested(), False
+    assert trainer.fit() == "stopped" and trainer.global_step == 1  # one process: at the next step
+
+
+def test_a_stop_request_on_the_last_step_finishes_the_run(tmp_path: Path, mnist_root):
+    trainer = in_process_trainer(mnist_root, tmp_path, ["model.hidden_size=8", "train.max_steps=1"])
+    trainer.stop, trainer._owns_stop = _requested(), False
+    assert trainer.fit() == "finished" and trainer.global_step == 1 and trainer.last_eval  # validated, not stopped
