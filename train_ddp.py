@@ -34,10 +34,12 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(argv)
         dist.stop_with_launcher(LAUNCHER_PID, list(cfg.train.stop_signals))
-        flushed = dist.flush_denormals(cfg.train.flush_denormals)  # before any tensor work (see there)
+        dist.flush_denormals(cfg.train.flush_denormals)  # before any tensor work (see there)
         info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
         setup_logging(info.is_main, info.rank)
-        if cfg.train.flush_denormals and not flushed and info.is_main and info.device.type == "cpu":
+        # Probed again, apart from the call above: the job checks its threads, not its own return value.
+        cpu_main = info.is_main and info.device.type == "cpu"
+        if cfg.train.flush_denormals and cpu_main and not dist.denormals_flushed():
             logging.getLogger("rnnddp").warning(
                 "denormal floats are not flushed to zero on every CPU thread: long sequences may train slower"
             )

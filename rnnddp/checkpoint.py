@@ -111,6 +111,19 @@ class CheckpointManager:
         found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := STEP_RE.match(p.name))]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def clean_leftovers(self) -> list[Path]:
+        """Remove the temporary files of saves that never finished (a process killed mid-save); returns them.
+
+        Call it at the start of a run, before any save: no save of this run is in flight then.
+        """
+        if not self.writer or not self.dir.is_dir():
+            return []
+        leftovers = [p for p in self.dir.iterdir() if ".tmp." in p.name or p.name.endswith(".tmp")]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+            log.warning("removed %s, left by a save that did not finish", path)
+        return leftovers
+
     def find_latest(self) -> Path | None:
         """The newest intact checkpoint, preferring what ``latest`` names; warns on skips."""
         candidates: list[Path] = []

@@ -95,6 +95,7 @@ class WandbConfig:
     entity: str | None = None
     name: str | None = None  # defaults to the job's name
     tags: list[str] = field(default_factory=list)
+    init_timeout_s: int = 60  # online: how long to wait for the server before logging offline instead
 
 
 @dataclass
@@ -174,6 +175,7 @@ POSITIVE = (
     "checkpoint.keep",
     "dist.timeout_s",
     "optim.lr",
+    "wandb.init_timeout_s",
 )
 NON_NEGATIVE = (
     "train.max_steps",

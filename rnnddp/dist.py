@@ -112,6 +112,11 @@ def flush_denormals(enabled: bool = True) -> bool:
     """
     if not enabled or not torch.set_flush_denormal(True):  # False: this CPU has no such mode
         return False
+    return denormals_flushed()
+
+
+def denormals_flushed() -> bool:
+    """Whether every CPU compute thread now treats denormal floats as zero (a probe; it sets nothing)."""
     # Work split over the intra-op and BLAS threads whose results are denormal, from normal
     # inputs (1e-20 x 1e-19; 512 x 1e-44 in the matmul): a thread that does not flush leaves its
     # share non-zero. The matmul grows with the square of n, hence the cap.

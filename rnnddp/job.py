@@ -161,7 +161,8 @@ def build_trainer(
         stateful=[task],
         hooks=[kill] if kill else [],
         stop=stop,
-        description=f"precision {precision.name}, device {info.device}, backend {info.backend or 'none'}"
+        description=f"precision {precision.name}, device {info.device}, {torch.get_num_threads()} CPU thread(s)"
+        + f", backend {info.backend or 'none'}"
         + (f", gradients by {dist.grad_sync_mode(cfg.dist.grad_sync, info)}" if info.distributed else "")
         + (", CUDA graph" if graphed else ""),
     )
@@ -193,6 +194,7 @@ def run(cfg: Any, info: DistInfo) -> int:
     task = TASKS[cfg.task](cfg, info)
     args = task.model_args()
 
+    manager.clean_leftovers()  # rank 0, before any save: what a killed save left behind
     resume_path = find_resume_point(cfg, manager)
     state = checkpoint.load(resume_path) if resume_path else None
     if state is not None:

@@ -144,7 +144,9 @@ class MetricsLogger:
             dir=str(run_dir),
         )
         try:
-            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, console="off"), **kwargs)
+            run = wandb.init(
+                mode=mode, settings=wandb.Settings(init_timeout=cfg.init_timeout_s, console="off"), **kwargs
+            )
         except Exception as e:  # online but no network, or the service refused us
             if mode != "online":
                 raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def run_job(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def worker_exit_codes(output: str) -> list[int]:
+    """The workers' exit statuses in torchrun's failure report (its ``exitcode  : N`` lines), one per failed rank."""
+    return sorted(int(code) for code in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", output, re.MULTILINE))
 
 
 def in_process_trainer(mnist_root: Path, run_dir: Path, overrides: list[str], device: str = "cpu"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rnnddp.models import build_model
-from tests.conftest import REPO, final_eval, free_port, job_env, latest_state, read_metrics, run_job
+from tests.conftest import REPO, final_eval, free_port, job_env, latest_state, read_metrics, run_job, worker_exit_codes
 from tests.wandb_files import history, offline_runs
 
 SHORT = [
@@ -179,7 +179,7 @@ def test_missing_data_folder_exits_2_under_torchrun(tmp_path: Path):
         nproc=2,
         check=False,
     )
-    assert proc.returncode != 0
+    assert worker_exit_codes(proc.stderr) == [2, 2], proc.stderr[-3000:]  # both ranks: bad input
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "MNIST not found in" in errors[0] and "nothing" in errors[0], proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

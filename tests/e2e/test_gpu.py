@@ -149,3 +149,33 @@ def test_cuda_graph_job_trains_saves_and_resumes(tmp_path: Path, mnist_root):
     assert all(int(s["step"]) == 300 for s in resumed["optimizer"]["state"].values())
     for k, v in whole["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, rtol=1e-2, atol=2e-3, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_the_training_set_lives_in_gpu_memory(tmp_path: Path, mnist_root):
+    trainer = in_process_trainer(mnist_root, tmp_path, ["model.hidden_size=16"], "cuda")
+    assert trainer.batches.split.inputs.device.type == "cuda"  # data.device_resident=auto
+    cpu_resident = in_process_trainer(
+        mnist_root, tmp_path / "b", ["model.hidden_size=16", "data.device_resident=false"], "cuda"
+    )
+    assert cpu_resident.batches.split.inputs.device.type == "cpu"
+    x, y = next(cpu_resident.batches.epoch(0))
+    assert x.device.type == "cuda" and y.device.type == "cuda"
+
+
+def test_fp16_grad_scaler_skips_non_finite_steps(tmp_path: Path, mnist_root):
+    # From step 5 on every loss is NaN: the scaler must skip those updates (and lower its scale), not apply them.
+    trainer = in_process_trainer(
+        mnist_root, tmp_path, ["train.precision=fp16", "debug.nonfinite_from_step=5", "train.max_steps=10"], "cuda"
+    )
+    assert trainer.scaler.is_enabled()
+    batches = trainer.batches.epoch(0)
+    for _ in range(4):
+        assert torch.isfinite(trainer.train_step(next(batches)))
+        trainer.global_step += 1
+    before = [p.detach().clone() for p in trainer.module.parameters()]
+    scale = trainer.scaler.get_scale()
+    for _ in range(6):
+        assert not torch.isfinite(trainer.train_step(next(batches)))
+        trainer.global_step += 1
+    assert all(torch.equal(p, b) for p, b in zip(trainer.module.parameters(), before, strict=True))
+    assert trainer.scaler.get_scale() < scale

@@ -39,6 +39,8 @@ def test_best_checkpoint_is_the_best_validation_result_and_test_comes_last(tmp_p
     # The final line names both, and the test result is the final model's (the latest checkpoint).
     final = final_eval(run)
     assert latest_state(run)["global_step"] == final["step"] == 120
+    # The same final model on two different splits: validation is not the test set in disguise.
+    assert val[-1][1]["step"] == 120 and val[-1][1]["val/loss"] != final["test/loss"]
     assert f"done: best val accuracy {best:.4f}; final model: test accuracy {final['test/accuracy']:.4f}" in proc.stdout
     cli = subprocess.run(
         [sys.executable, "-m", "rnnddp.evaluate", str(run / "checkpoints" / "step_0000120.pt"), "--no-plots"],

@@ -1,0 +1,88 @@
+"""Claims of the README checked with real processes: threads per rank, the API key, evaluate's precision."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, final_eval, job_cmd, job_env, run_job
+
+SHORT = ["model.hidden_size=16", "train.global_batch_size=64", "train.max_steps=20", "eval.batch_size=2000"]
+
+
+def test_each_torchrun_rank_gets_one_thread_unless_told_otherwise(tmp_path: Path, mnist_root):
+    env = {k: v for k, v in job_env().items() if k != "OMP_NUM_THREADS"}  # as a user's shell has it
+    args = [*SHORT, "train.max_steps=2", "wandb.mode=disabled", f"data.root={mnist_root}"]
+    two = subprocess.run(
+        job_cmd([*args, f"run_dir={tmp_path}/two"], nproc=2),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "1 CPU thread(s), backend gloo" in two.stdout, two.stdout[-2000:]
+    env["OMP_NUM_THREADS"] = "2"
+    told = subprocess.run(
+        job_cmd([*args, f"run_dir={tmp_path}/told"], nproc=2),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert told.returncode == 0 and "2 CPU thread(s)" in told.stdout, told.stdout[-2000:]
+
+
+def test_the_wandb_api_key_is_never_written_or_printed(tmp_path: Path, mnist_root):
+    key = "0123456789abcdef0123456789abcdef01234567"  # the shape of a real key, valid nowhere
+    run = tmp_path / "run"
+    env = {**job_env(), "WANDB_API_KEY": key}
+    args = [*SHORT, "wandb.mode=offline", f"data.root={mnist_root}", f"run_dir={run}"]
+    proc = subprocess.run(job_cmd(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert key not in proc.stdout + proc.stderr
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name == "config.yaml" for p in files)
+    leaked = [p for p in files if key.encode() in p.read_bytes()]
+    assert leaked == [], leaked
+
+
+def test_evaluate_uses_the_precision_the_run_trained_in(tmp_path: Path, mnist_root):
+    run = tmp_path / "run"
+    run_job([*SHORT, "train.precision=bf16", "wandb.mode=disabled", f"data.root={mnist_root}", f"run_dir={run}"])
+    logged = final_eval(run)["test/accuracy"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "rnnddp.evaluate", str(run), "--no-plots"],
+        env=job_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "; bf16)" in cli.stdout.splitlines()[0] and f"accuracy {logged:.4f}  (10000 images)" in cli.stdout, (
+        cli.stdout
+    )
+    assert os.environ.get("ACCELERATE_MIXED_PRECISION") is None  # nothing outside the checkpoint chose bf16
+
+
+def test_wandb_online_without_a_server_falls_back_to_offline_and_loses_nothing(tmp_path: Path, mnist_root):
+    from tests.wandb_files import history, offline_runs
+
+    run = tmp_path / "run"
+    # A key (so auto means online) and a server address where nothing listens.
+    env = {k: v for k, v in job_env().items() if k != "WANDB_MODE"}
+    env.update(WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567", WANDB_BASE_URL="http://127.0.0.1:9")
+    args = [*SHORT, "train.log_every_steps=5", "wandb.mode=auto", "wandb.init_timeout_s=3", f"data.root={mnist_root}"]
+    proc = subprocess.run(
+        job_cmd([*args, f"run_dir={run}"]), env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "wandb online init failed" in proc.stdout and "logging offline instead" in proc.stdout
+    files = offline_runs(run)
+    assert len(files) == 1, files
+    # Everything logged while W&B was still trying the server reached the offline run, in order.
+    assert [int(r["_step"]) for r in history(files[0])] == [5, 10, 15, 20]

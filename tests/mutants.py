@@ -1,0 +1,275 @@
+"""Mutation check: break each central claim on purpose and see that the tests guarding it fail.
+
+    python -m tests.mutants                 # every mutant (about 10 minutes on 2 CPU cores)
+    python -m tests.mutants stop_checkpoint weights_only
+    python -m tests.mutants --list
+
+Each mutant is one textual change to one file. It is applied to a scratch copy of the repository
+(the package, tests, configs and entry point), and only the tests named for it run there, against
+that copy. "killed" means they failed, as they must; "SURVIVED" means the claim is not guarded.
+Exit status 1 if any mutant survives. The table is in docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COPIED = ("rnnddp", "tests", "configs", "train_ddp.py", "pyproject.toml")
+DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    claim: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        "denormal_flush",
+        "the job flushes denormals to zero before any tensor work",
+        "train_ddp.py",
+        "        dist.flush_denormals(cfg.train.flush_denormals)  # before any tensor work (see there)\n",
+        "",
+        ("tests/unit/test_denormals.py::test_the_job_flushes_before_its_first_tensor_work",),
+    ),
+    Mutant(
+        "stored_permutation",
+        "evaluate and predict use the pixel order the checkpoint stored",
+        "rnnddp/tasks/classify.py",
+        'if self.view.permutation is not None and state.get("permutation") is not None:',
+        "if False:",
+        ("tests/unit/test_views_and_datasets.py::test_model_view_forward_backward_save_and_reload",),
+    ),
+    Mutant(
+        "stop_checkpoint",
+        "a stop signal saves a checkpoint at the step boundary before exit 75",
+        "rnnddp/train/trainer.py",
+        "                        self._save()\n                        dist.barrier(info)",
+        "                        dist.barrier(info)",
+        ("tests/e2e/test_faults.py::test_one_process_stops_at_the_next_step_and_exits_75",),
+    ),
+    Mutant(
+        "stop_on_last_step",
+        "a stop request on the last step finishes the run (validated, tested)",
+        "rnnddp/train/trainer.py",
+        "if not self.finished and vote(self.stop.requested):",
+        "if vote(self.stop.requested):",
+        ("tests/unit/test_trainer_loop.py",),
+    ),
+    Mutant(
+        "stop_vote",
+        "a signal to one rank stops every rank (the vote)",
+        "rnnddp/dist.py",
+        "            agreed = self._buf.item() > 0",
+        "            agreed = flag",
+        (
+            "tests/e2e/test_faults.py::test_stop_signal_checkpoints_at_the_step_boundary_and_resumes_exactly[SIGUSR1 to rank 1 only]",
+        ),
+    ),
+    Mutant(
+        "comm_hook_choice",
+        "dist.grad_sync=auto averages gradients by one all-gather on gloo with <= 4 ranks",
+        "rnnddp/dist.py",
+        'return "allgather" if info.backend == "gloo" and info.world_size <= 4 else "allreduce"',
+        'return "allreduce"',
+        ("tests/e2e/test_ddp.py::test_two_ranks_match_one_process[auto]",),
+    ),
+    Mutant(
+        "comm_hook_mean",
+        "the all-gather hook gives every rank the rank-order mean, bit for bit",
+        "rnnddp/dist.py",
+        "out.view(world, -1).sum(dim=0).div_(world)",
+        "out.view(world, -1).sum(dim=0).div_(world).add_(buf * 1e-7)",
+        ("tests/e2e/test_ddp.py::test_allgather_hook_gives_every_rank_the_same_mean_bit_for_bit",),
+    ),
+    Mutant(
+        "sampler_set_epoch",
+        "the data are reshuffled every epoch, as a function of seed and epoch",
+        "rnnddp/data/batches.py",
+        "    sampler.set_epoch(epoch)\n",
+        "",
+        ("tests/unit/test_data.py::test_reshuffled_every_epoch_and_resume_skips_consumed_batches",),
+    ),
+    Mutant(
+        "atomic_rename",
+        "a checkpoint is written to a temporary name and renamed only when complete",
+        "rnnddp/checkpoint.py",
+        'fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=path.name + ".tmp.")',
+        "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
+        ("tests/e2e/test_faults.py::test_a_process_killed_mid_save_leaves_latest_intact_and_its_leftover_is_removed",),
+    ),
+    Mutant(
+        "checksum",
+        "a damaged newest checkpoint is skipped for the one before",
+        "rnnddp/checkpoint.py",
+        "if marker.read_text().strip() != sha256_file(path):",
+        "if False:",
+        ("tests/unit/test_checkpoint.py::test_damaged_newest_falls_back_to_previous",),
+    ),
+    Mutant(
+        "leftover_cleanup",
+        "the temporary file of a killed save is removed at the next start",
+        "rnnddp/job.py",
+        "    manager.clean_leftovers()",
+        "    pass",
+        ("tests/e2e/test_faults.py::test_a_process_killed_mid_save_leaves_latest_intact_and_its_leftover_is_removed",),
+    ),
+    Mutant(
+        "weights_only",
+        "checkpoints load with weights_only=True: pickled code never runs",
+        "rnnddp/checkpoint.py",
+        "weights_only=True",
+        "weights_only=False",
+        ("tests/unit/test_checkpoint.py::test_pickled_code_is_refused_and_never_runs",),
+    ),
+    Mutant(
+        "val_split_is_test",
+        "the validation split is held out of the training set, not the test set",
+        "rnnddp/tasks/classify.py",
+        "            train, val = hold_out(train, data.val_size, VAL_SEED)",
+        "            val = test",
+        ("tests/unit/test_validation_split.py::test_classify_holds_out_val_size_training_images_not_test_ones",),
+    ),
+    Mutant(
+        "select_on_test",
+        "model selection (validation during training, best.pt) never looks at the test set",
+        "rnnddp/job.py",
+        '        val = splits.val.to(info.device) if info.device.type == "cuda" else splits.val',
+        "        val = splits.test",
+        ("tests/e2e/test_model_selection.py::test_best_checkpoint_is_the_best_validation_result_and_test_comes_last",),
+    ),
+    Mutant(
+        "best_direction",
+        "best.pt holds the best validation result (higher accuracy, lower MSE)",
+        "rnnddp/metrics.py",
+        "return value > best if self.higher_is_better else value < best",
+        "return value < best if self.higher_is_better else value > best",
+        ("tests/e2e/test_model_selection.py::test_best_checkpoint_is_the_best_validation_result_and_test_comes_last",),
+    ),
+    Mutant(
+        "wandb_run_id",
+        "a resumed job continues the same W&B run, each step logged once",
+        "rnnddp/job.py",
+        'run_id = state.get("wandb_run_id") if state else new_run_id()',
+        "run_id = new_run_id()",
+        ("tests/e2e/test_ddp.py::test_wandb_offline_run_id_survives_resume",),
+    ),
+    Mutant(
+        "resume_same_view",
+        "a checkpoint does not resume under another view (rows and columns have the same shape)",
+        "rnnddp/tasks/classify.py",
+        'RESUME_KEYS = ("data.dataset", "data.view", "data.val_size", "train.global_batch_size")',
+        'RESUME_KEYS = ("data.dataset", "data.val_size", "train.global_batch_size")',
+        ("tests/unit/test_resume_checks.py",),
+    ),
+    Mutant(
+        "grad_clip",
+        "train.grad_clip bounds the gradient norm",
+        "rnnddp/train/step.py",
+        "        if self.grad_clip > 0:",
+        "        if False:",
+        ("tests/unit/test_claims.py::test_grad_clip_bounds_the_update_and_zero_turns_it_off",),
+    ),
+    Mutant(
+        "carried_state",
+        "the sine task carries the hidden state from chunk to chunk",
+        "rnnddp/tasks/sine_regression.py",
+        "        self.carry = detach_state(state)",
+        "        self.carry = None",
+        ("tests/e2e/test_sine_job.py::test_seed_sine_two_ranks_reaches_mse_bar_and_evaluate_agrees",),
+    ),
+    Mutant(
+        "eval_precision",
+        "evaluate runs in the precision the run used",
+        "rnnddp/evaluate.py",
+        "precision = resolve_precision(r.cfg.train.precision, device)",
+        'precision = resolve_precision("fp32", device)',
+        ("tests/e2e/test_claims.py::test_evaluate_uses_the_precision_the_run_trained_in",),
+    ),
+]
+
+
+def scratch_copy(dest: Path) -> None:
+    for name in COPIED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+
+
+def apply(m: Mutant, root: Path) -> None:
+    path = root / m.file
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise SystemExit(f"mutant {m.name}: the text to change occurs {text.count(m.old)} times in {m.file}, not once")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def run(m: Mutant, timeout: float) -> tuple[str, float, str]:
+    with tempfile.TemporaryDirectory(prefix=f"rnnddp-mutant-{m.name}-") as tmp:
+        root = Path(tmp)
+        scratch_copy(root)
+        apply(m, root)
+        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+        env.setdefault("RNNDDP_TEST_DATA", str(DATA_ROOT))  # the copy has no ../shared beside it
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "killed (timeout)", time.perf_counter() - start, ""
+        took = time.perf_counter() - start
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+        if "skipped" in tail[0] or proc.returncode == 5:  # a skipped guard proves nothing either way
+            return "error (skipped or no test)", took, tail[0]
+        if proc.returncode == 0:
+            return "SURVIVED", took, tail[0]
+        if proc.returncode in (1, 3):  # tests failed (3: an internal error in a test is a failure too)
+            return "killed", took, tail[0]
+        return f"error (pytest exit {proc.returncode})", took, tail[0]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutants and the tests that guard them")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    a = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if not a.names or m.name in a.names]
+    if unknown := set(a.names) - {m.name for m in MUTANTS}:
+        p.error(f"unknown mutant(s) {', '.join(sorted(unknown))}; see --list")
+    if a.list:
+        for m in chosen:
+            print(f"{m.name:20s} {m.file:34s} {m.claim}\n{'':20s} {' '.join(m.tests)}")
+        return 0
+    print("| mutant | claim | file | guarded by | result | s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    survived = 0
+    for m in chosen:
+        result, took, tail = run(m, a.timeout)
+        survived += result == "SURVIVED"
+        tests = ", ".join(f"`{t.split('::')[-1] if '::' in t else t}`" for t in m.tests)
+        print(f"| `{m.name}` | {m.claim} | `{m.file}` | {tests} | {result} | {took:.0f} |", flush=True)
+        if result.startswith("error") or result == "SURVIVED":
+            print(f"    {tail}", file=sys.stderr)
+    print(f"\n{len(chosen) - survived} killed, {survived} survived")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
