@@ -151,7 +151,9 @@ class MetricsLogger:
             if mode != "online":
                 raise
             log.warning("wandb online init failed (%s); logging offline instead", _first_line(e))
-            run = wandb.init(mode="offline", settings=wandb.Settings(console="off"), **kwargs)
+            wandb.teardown()  # W&B's service still holds the run id of the failed attempt ("in use")
+            mode = "offline"
+            run = wandb.init(mode=mode, settings=wandb.Settings(console="off"), **kwargs)
         log.info("wandb: %s run %s in %s", mode, self.run_id, run.dir)
         return run
 

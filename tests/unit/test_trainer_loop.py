@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
+
+import pytest
 
 from rnnddp.preemption import StopRequest
 from tests.conftest import in_process_trainer
@@ -25,3 +28,15 @@ def test_a_stop_request_on_the_last_step_finishes_the_run(tmp_path: Path, mnist_
     trainer = in_process_trainer(mnist_root, tmp_path, ["model.hidden_size=8", "train.max_steps=1"])
     trainer.stop, trainer._owns_stop = _requested(), False
     assert trainer.fit() == "finished" and trainer.global_step == 1 and trainer.last_eval  # validated, not stopped
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    stop = StopRequest(["SIGINT", "SIGTERM"])
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first asks for a clean stop: a flag, nothing raised
+        assert stop.requested and stop.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second interrupts (the entry point exits 130)
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
