@@ -1,6 +1,6 @@
 """Mutation check: break each central claim on purpose and see that the tests guarding it fail.
 
-    python -m tests.mutants                 # every mutant (about 10 minutes on 2 CPU cores)
+    python -m tests.mutants                 # every mutant (about 5 minutes on 2 CPU cores)
     python -m tests.mutants stop_checkpoint weights_only
     python -m tests.mutants --list
 
@@ -132,8 +132,8 @@ MUTANTS = [
         "weights_only",
         "checkpoints load with weights_only=True: pickled code never runs",
         "rnnddp/checkpoint.py",
-        "weights_only=True",
-        "weights_only=False",
+        'map_location="cpu", weights_only=True)',
+        'map_location="cpu", weights_only=False)',
         ("tests/unit/test_checkpoint.py::test_pickled_code_is_refused_and_never_runs",),
     ),
     Mutant(
@@ -159,6 +159,16 @@ MUTANTS = [
         "return value > best if self.higher_is_better else value < best",
         "return value < best if self.higher_is_better else value > best",
         ("tests/e2e/test_model_selection.py::test_best_checkpoint_is_the_best_validation_result_and_test_comes_last",),
+    ),
+    Mutant(
+        "old_format_refused",
+        "a checkpoint from before the validation split is refused for resume (it trained on the validation images)",
+        "rnnddp/job.py",
+        '    if state.get("format", 1) < CHECKPOINT_FORMAT:',
+        "    if False:",
+        (
+            "tests/e2e/test_model_selection.py::test_a_checkpoint_from_before_the_validation_split_is_refused_but_evaluates",
+        ),
     ),
     Mutant(
         "wandb_run_id",
@@ -190,7 +200,23 @@ MUTANTS = [
         "rnnddp/tasks/sine_regression.py",
         "        self.carry = detach_state(state)",
         "        self.carry = None",
-        ("tests/e2e/test_sine_job.py::test_seed_sine_two_ranks_reaches_mse_bar_and_evaluate_agrees",),
+        ("tests/unit/test_sine.py::test_the_loss_carries_the_hidden_state_into_the_next_chunk",),
+    ),
+    Mutant(
+        "nonfinite_save",
+        "a model that just produced a non-finite loss is never saved: latest stays good",
+        "rnnddp/train/trainer.py",
+        "        if dist.max_value(self._window.bad_run.float()).item() > 0:",
+        "        if False:",
+        ("tests/e2e/test_faults.py::test_nonfinite_loss_stops_with_the_last_good_checkpoint_latest",),
+    ),
+    Mutant(
+        "wandb_fallback",
+        "online W&B without a server falls back to offline and keeps what was logged",
+        "rnnddp/metrics.py",
+        "            wandb.teardown()  # W&B's service still holds",
+        "            pass  # W&B's service still holds",
+        ("tests/e2e/test_claims.py::test_wandb_online_without_a_server_falls_back_to_offline_and_loses_nothing",),
     ),
     Mutant(
         "eval_precision",
@@ -239,7 +265,7 @@ def run(m: Mutant, timeout: float) -> tuple[str, float, str]:
             return "error (skipped or no test)", took, tail[0]
         if proc.returncode == 0:
             return "SURVIVED", took, tail[0]
-        if proc.returncode in (1, 3):  # tests failed (3: an internal error in a test is a failure too)
+        if proc.returncode == 1:  # tests failed
             return "killed", took, tail[0]
         return f"error (pytest exit {proc.returncode})", took, tail[0]
 

@@ -311,7 +311,7 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint_latest(tmp_path: Pat
             "model.hidden_size=16",
             "wandb.mode=disabled",
             "train.log_every_steps=1",
-            "checkpoint.every_steps=5",
+            "checkpoint.every_steps=1",  # a save is due at every step, the non-finite ones too
             "train.max_nonfinite=3",
             "debug.nonfinite_from_step=12",
             "train.max_steps=40",
@@ -322,10 +322,11 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint_latest(tmp_path: Pat
     )
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr
     assert "loss was not finite for 3 consecutive steps (by step 14)" in proc.stderr
+    assert "not saving step 12: the last loss was not finite" in proc.stdout
     state = latest_state(run)
-    assert state["global_step"] == 10
+    assert state["global_step"] == 11
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-    assert not (run / "checkpoints" / "step_0000015.pt").exists()
+    assert not (run / "checkpoints" / "step_0000012.pt").exists()
 
 
 SAVE_AND_HANG = """

@@ -115,3 +115,30 @@ def test_model_predicts_every_step_and_the_config_refuses_what_cannot_work():
 def test_choice_values_are_case_insensitive():
     cfg = load_config(["task=Sine_Regression", "model.cell=RNN", "dist.grad_sync=AllGather"])
     assert (cfg.task, cfg.model.cell, cfg.dist.grad_sync) == ("sine_regression", "rnn", "allgather")
+
+
+def test_the_loss_carries_the_hidden_state_into_the_next_chunk():
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from rnnddp.dist import DistInfo
+    from rnnddp.tasks.sine_regression import SineRegression
+
+    cfg = load_config(SMALL)
+    task = SineRegression(cfg, DistInfo())
+    torch.manual_seed(0)
+    model = build_model(task.model_args())
+    chunks = task.train_batches(task.load().train).epoch(0)
+    first, second = next(chunks), next(chunks)
+    assert first[2] and not second[2]  # a new batch of sequences, then its next chunk
+    ctx = contextlib.nullcontext()
+    task.loss(model, first, ctx)
+    _, state = model(first[0])
+    assert task.carry is not None and all(torch.equal(a, b) for a, b in zip(task.carry, state, strict=True))
+    loss = task.loss(model, second, ctx)
+    carried, _ = model(second[0], state)
+    from_zero, _ = model(second[0])
+    assert torch.allclose(loss, F.mse_loss(carried, second[1]))
+    assert not torch.allclose(loss, F.mse_loss(from_zero, second[1]))
+    assert not task.carry[0].requires_grad  # detached: no gradient into earlier chunks
