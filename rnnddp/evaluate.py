@@ -22,7 +22,7 @@ from torch import nn
 from rnnddp import checkpoint, dist
 from rnnddp.config import from_saved
 from rnnddp.dist import DistInfo
-from rnnddp.errors import UserError
+from rnnddp.errors import UserError, require_writable
 from rnnddp.models import build_model
 from rnnddp.plots import write_plots
 from rnnddp.tasks import TASKS, Task
@@ -44,16 +44,28 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def restore(target: str | Path, overrides: list[str], device: torch.device | None = None) -> Restored:
-    """Load CHECKPOINT (a .pt file or a run directory) and rebuild its network and task (raises UserError)."""
+def checkpoint_path(target: str | Path) -> Path:
+    """The file CHECKPOINT names: itself, or a run directory's newest intact checkpoint (raises UserError)."""
     path = Path(target)
     if path.is_dir():
         found = checkpoint.CheckpointManager(path).find_latest()
         if found is None:
             raise UserError(f"no intact checkpoint in {path / 'checkpoints'}; pass a .pt file or a run directory")
-        path = found
-    elif not path.is_file():
+        return found
+    if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file or run directory")
+    return path
+
+
+def plots_dir(path: Path) -> Path:
+    """Where evaluate draws for checkpoint ``path``: its run's plots/ (or beside a lone .pt file)."""
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run_dir / "plots"
+
+
+def restore(target: str | Path, overrides: list[str], device: torch.device | None = None) -> Restored:
+    """Load CHECKPOINT (a .pt file or a run directory) and rebuild its network and task (raises UserError)."""
+    path = checkpoint_path(target)
     reason = checkpoint.verify(path, require_marker=False)
     if reason is not None:
         raise UserError(f"checkpoint {path}: {reason}; pick another checkpoint")
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     plots = "--no-plots" not in argv
     argv = [a for a in argv if a != "--no-plots"]
     try:
+        if plots:  # before the work: an unwritable folder is bad input, not a lost picture
+            require_writable(plots_dir(checkpoint_path(argv[0])), "pass --no-plots, or make it writable")
         result = run_evaluation(argv[0], argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -111,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if plots:
         # Beside the run's own plots: run_dir/plots/<checkpoint>_*.png (or next to a lone .pt file).
-        run_dir = r.path.parent.parent if r.path.parent.name == "checkpoints" else r.path.parent
+        out = plots_dir(r.path)
         pictures = r.task.pictures(result, result["test"])
         written = write_plots(
-            run_dir / "plots",
+            out,
             pictures,
-            metrics_path=run_dir / "metrics.jsonl",
+            metrics_path=out.parent / "metrics.jsonl",
             metric=r.task.metric,
             prefix=f"{r.path.stem}_",
         )

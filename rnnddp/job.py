@@ -20,7 +20,7 @@ from rnnddp import checkpoint, dist, plots
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import to_dict, to_yaml
 from rnnddp.dist import DistInfo
-from rnnddp.errors import EXIT_STOPPED, UserError
+from rnnddp.errors import EXIT_STOPPED, UserError, require_writable
 from rnnddp.metrics import MetricsLogger, new_run_id
 from rnnddp.models import initial_model, place
 from rnnddp.plots import write_plots
@@ -194,6 +194,15 @@ def run(cfg: Any, info: DistInfo) -> int:
     task = TASKS[cfg.task](cfg, info)
     args = task.model_args()
 
+    error: UserError | None = None
+    if info.is_main:  # the places rank 0 writes, checked before any work (every rank hears of a failure)
+        try:
+            for folder in (run_dir, manager.dir, run_dir / "plots"):
+                require_writable(folder, "set run_dir= to a writable folder (or make this one writable)")
+        except UserError as e:
+            error = e
+    if not dist.all_ok(error is None, info):
+        raise error or UserError("rank 0 cannot write its run directory; see its message")
     manager.clean_leftovers()  # rank 0, before any save: what a killed save left behind
     resume_path = find_resume_point(cfg, manager)
     state = checkpoint.load(resume_path) if resume_path else None
