@@ -38,7 +38,7 @@ ARGS = [
     f"train.max_steps={STEPS}",
     "train.log_every_steps=1",
     "checkpoint.every_steps=10",
-    "wandb.mode=disabled",
+    "wandb.mode=offline",  # what a user without a key gets: W&B is on in every fault test
     "eval.batch_size=2000",
 ]
 
@@ -245,7 +245,7 @@ def test_crashed_rank_is_recovered_by_torchrun_restart(tmp_path: Path, mnist_roo
             "--config",
             "configs/seed_lstm.yaml",
             f"data.root={mnist_root}",
-            "wandb.mode=disabled",
+            "wandb.mode=offline",
             "checkpoint.every_steps=200",
             "debug.fail_at_step=450",
             "debug.fail_rank=1",

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, effective_train_steps, final_eval, free_port, job_env, latest_state, read_metrics
+from tests.wandb_files import history, offline_runs
 
 SLURM_DIR = REPO / "slurm"
 CLUSTER = SLURM_DIR / "ci_cluster.sh"
@@ -41,7 +42,7 @@ ARGS = [
     "configs/seed_lstm.yaml",
     f"train.max_steps={STEPS}",
     "train.log_every_steps=1",  # every step appears in metrics.jsonl: none lost, none twice
-    "wandb.mode=disabled",
+    "wandb.mode=offline",  # the default without a key: W&B must not break preemption
     "eval.batch_size=2000",
 ]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -209,6 +210,11 @@ def test_usr1_checkpoints_requeues_and_the_second_run_resumes_exactly(
 ) -> None:
     job = Job(slurm_env, tmp_path, mnist_root, ARGS)
     job.wait_for_step(30)
+    # A preemption comes long after W&B is up (it starts in the background): wait for that too.
+    deadline = time.time() + 60
+    while "INFO wandb: offline run" not in job.output():
+        assert time.time() < deadline, f"W&B did not start\n{job.output()[-3000:]}"
+        time.sleep(0.1)
     # What --signal=B:USR1@lead does before the time limit, sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=job.env, check=True, timeout=30)
     final = job.wait()
@@ -225,6 +231,10 @@ def test_usr1_checkpoints_requeues_and_the_second_run_resumes_exactly(
     assert len(resumed) == 1 and resumed[0]["step"] == stopped[0]["step"], resumed
     # Total optimiser steps equal an uninterrupted run's: 1..STEPS, each once.
     assert effective_train_steps(job.run_dir) == list(range(1, STEPS + 1))
+    # W&B (offline, as without a key) survived the step's signal: one run id over both sessions, each step once.
+    files = offline_runs(job.run_dir)
+    assert len(files) == 2 and len({f.name for f in files}) == 1, files
+    assert [int(r["_step"]) for f in files for r in history(f)] == list(range(1, STEPS + 1))
     # And the same parameters, bit for bit, as the uninterrupted job (CPU, same 2 ranks).
     state, reference = latest_state(job.run_dir), latest_state(finished_job.run_dir)
     assert state["global_step"] == STEPS
