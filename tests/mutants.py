@@ -1,6 +1,6 @@
 """Mutation check: break each central claim on purpose and see that the tests guarding it fail.
 
-    python -m tests.mutants                 # every mutant (about 5 minutes on 2 CPU cores)
+    python -m tests.mutants                 # every mutant (about 6 minutes on 2 CPU cores)
     python -m tests.mutants stop_checkpoint weights_only
     python -m tests.mutants --list
 
