@@ -26,10 +26,15 @@ EXIT_STOPPED = 75  # stopped on a signal after a checkpoint: resumable (EX_TEMPF
 
 
 def require_writable(folder: Path, fix: str) -> None:
-    """Create ``folder`` if need be and check that a file can be written there; else a UserError naming it."""
+    """Check that ``folder`` can be written, or created and written, without creating it (bad input
+    leaves nothing behind); else a UserError naming it."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".rnnddp-write-check.")
+        if not existing.is_dir():  # a file where a folder must go
+            raise NotADirectoryError(20, "Not a directory")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".rnnddp-write-check.")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
