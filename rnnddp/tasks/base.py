@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from rnnddp.data.batches import Split, Transform
@@ -40,6 +41,7 @@ class Task:
     metric: ClassVar[Metric]
     cuda_graph_unsupported: ClassVar[str | None] = None  # why train.cuda_graph cannot hold its step
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # allowed values of its config keys, from their registries
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ()  # config keys a checkpoint must share to resume
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -86,6 +88,15 @@ class Task:
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint trained on other data (raise UserError naming the key and the fix)."""
+        saved_cfg = OmegaConf.create(state.get("config") or {})
+        now_cfg = OmegaConf.structured(self.cfg)
+        for key in self.RESUME_KEYS:
+            before, now = OmegaConf.select(saved_cfg, key), OmegaConf.select(now_cfg, key)
+            if before != now:
+                raise UserError(
+                    f"checkpoint {path} was trained with {key}={before}, the config says {now}; "
+                    f"set {key}={before} or start a new run with another name="
+                )
 
     def state_dict(self) -> dict[str, Any]:
         """Entries this task adds to a checkpoint (every rank calls it; it may gather)."""

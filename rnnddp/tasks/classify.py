@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from rnnddp import dist, plots
@@ -152,15 +151,7 @@ class Classify(Task):
     RESUME_KEYS = ("data.dataset", "data.view", "data.val_size", "train.global_batch_size")
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
-        saved_cfg = OmegaConf.create(state.get("config") or {})
-        now_cfg = OmegaConf.structured(self.cfg)
-        for key in self.RESUME_KEYS:
-            before, now = OmegaConf.select(saved_cfg, key), OmegaConf.select(now_cfg, key)
-            if before != now:
-                raise UserError(
-                    f"checkpoint {path} was trained with {key}={before}, the config says {now}; "
-                    f"set {key}={before} or start a new run with another name="
-                )
+        super().check_resume(state, path)
         saved = (state.get("config") or {}).get("data", {})
         perm, saved_perm = self.view.permutation, state.get("permutation")
         if perm is not None and (saved_perm is None or not torch.equal(saved_perm, perm)):

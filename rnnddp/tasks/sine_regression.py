@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DistributedSampler
 
@@ -249,16 +248,6 @@ class SineRegression(Task):
         if detail:
             result["predictions"] = torch.cat(preds)
         return result
-
-    def check_resume(self, state: dict[str, Any], path: Path) -> None:
-        saved, now_cfg = OmegaConf.create(state.get("config") or {}), OmegaConf.structured(self.cfg)
-        for key in self.RESUME_KEYS:
-            before, now = OmegaConf.select(saved, key), OmegaConf.select(now_cfg, key)
-            if before != now:
-                raise UserError(
-                    f"checkpoint {path} was trained with {key}={before}, the config says {now}; "
-                    f"set {key}={before} or start a new run with another name="
-                )
 
     def state_dict(self) -> dict[str, Any]:
         # Mid-sequence: the carried state of the whole global batch, in its order.
