@@ -266,6 +266,7 @@ def _train_and_test(
         config=to_dict(cfg),
         run_id=run_id,
         background=True,
+        resumed_at=trainer.global_step if state is not None else None,
     )
     trainer.extra_state = {
         "format": CHECKPOINT_FORMAT,

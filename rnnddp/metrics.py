@@ -65,22 +65,29 @@ class MetricsLogger:
         config: dict | None = None,
         run_id: str | None = None,
         background: bool = False,
+        resumed_at: int | None = None,
     ) -> None:
         """``background``: start W&B in a thread and go on; what is logged meanwhile goes to metrics.jsonl at
-        once and to W&B when it is up. Training does not wait for W&B's start (about a second)."""
+        once and to W&B when it is up. Training does not wait for W&B's start (about a second).
+        ``resumed_at``: the step of the checkpoint this session resumed from; W&B gets the steps up to
+        it that metrics.jsonl has and W&B lacks (its service may have died with them)."""
         self.enabled = enabled
         self.run_id = run_id or new_run_id()
         self._wandb_run: Any = None
         self._starting: threading.Thread | None = None
         self._pending: list[Callable[[Any], None]] = []  # W&B calls made before it was up, in order
+        self._wandb_has = -1  # the last step W&B holds from earlier sessions of this run (see _init_wandb)
         self._jsonl = None
         if not enabled:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115  (lives as long as the run)
+        jsonl = run_dir / "metrics.jsonl"
+        earlier = jsonl.stat().st_size if jsonl.exists() else 0  # what earlier sessions wrote
+        self._jsonl = open(jsonl, "a", buffering=1)  # noqa: SIM115  (lives as long as the run)
         if wandb_cfg is None:
             return
+        self._backfill = (jsonl, earlier, resumed_at)
         args = (run_dir, wandb_cfg, run_name, config or {})
         if not background:
             self._wandb_run = self._init_wandb(*args)
@@ -133,6 +140,11 @@ class MetricsLogger:
             return None
         import wandb
 
+        from rnnddp.wandb_files import last_step
+
+        # After a crash the resumed job redoes the steps since its checkpoint. W&B keeps the rows it
+        # already has (equal to the redone ones: the resume is exact) and gets only the steps after them.
+        self._wandb_has = last_step(run_dir, self.run_id)
         kwargs = dict(
             project=cfg.project,
             entity=cfg.entity,
@@ -154,7 +166,18 @@ class MetricsLogger:
             wandb.teardown()  # W&B's service still holds the run id of the failed attempt ("in use")
             mode = "offline"
             run = wandb.init(mode=mode, settings=wandb.Settings(console="off"), **kwargs)
+        self._wandb_has = max(self._wandb_has, run.starting_step - 1)  # online: the server's last step
         log.info("wandb: %s run %s in %s", mode, self.run_id, run.dir)
+        jsonl, size, resumed_at = self._backfill
+        if resumed_at is not None and resumed_at > self._wandb_has:
+            rows = [r for r in _kept_records(jsonl, size) if self._wandb_has < r["step"] <= resumed_at]
+            for r in rows:
+                run.log({k: v for k, v in r.items() if k not in ("step", "time")}, step=r["step"])
+            if rows:
+                log.info("wandb: logged %d record(s) from metrics.jsonl that W&B had lost", len(rows))
+            self._wandb_has = resumed_at
+        elif self._wandb_has >= 0:
+            log.info("wandb: steps up to %d were logged before; W&B gets the steps after them", self._wandb_has)
         return run
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -163,7 +186,11 @@ class MetricsLogger:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         assert self._jsonl is not None
         self._jsonl.write(json.dumps(record) + "\n")
-        self._to_wandb(lambda run: run.log(metrics, step=step))
+        self._to_wandb(lambda run: self._wandb_log(run, metrics, step))
+
+    def _wandb_log(self, run: Any, metrics: dict[str, Any], step: int) -> None:
+        if step > self._wandb_has:  # W&B would drop a lower step (online) or hold it twice (offline files)
+            run.log(metrics, step=step)
 
     def images(self, paths: dict[str, Path], step: int) -> None:
         """Log picture files (learning curves, confusion matrix) as W&B images, when a W&B run is active."""
@@ -173,7 +200,7 @@ class MetricsLogger:
         def call(run: Any) -> None:
             import wandb
 
-            run.log({f"plots/{k}": wandb.Image(str(p)) for k, p in paths.items()}, step=step)
+            self._wandb_log(run, {f"plots/{k}": wandb.Image(str(p)) for k, p in paths.items()}, step)
 
         self._to_wandb(call)
 
@@ -198,6 +225,24 @@ class MetricsLogger:
             self._jsonl = None
         self._drain([lambda run: run.finish()])  # waits for a start still under way
         self._wandb_run = None
+
+
+def _kept_records(path: Path, size: int) -> list[dict[str, Any]]:
+    """The metric records among the first ``size`` bytes of a metrics.jsonl that still count: a
+    ``resume`` event at step N voids the records after N before it (steps that were redone)."""
+    with path.open("rb") as f:
+        lines = f.read(size).decode(errors="replace").splitlines()
+    kept: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if r.get("event") == "resume":
+            kept = [k for k in kept if k["step"] <= r["step"]]
+        elif "event" not in r and isinstance(r.get("step"), int):
+            kept.append(r)
+    return kept
 
 
 def _first_line(e: BaseException) -> str:

@@ -70,7 +70,7 @@ def test_evaluate_uses_the_precision_the_run_trained_in(tmp_path: Path, mnist_ro
 
 
 def test_wandb_online_without_a_server_falls_back_to_offline_and_loses_nothing(tmp_path: Path, mnist_root):
-    from tests.wandb_files import history, offline_runs
+    from rnnddp.wandb_files import history, offline_runs
 
     run = tmp_path / "run"
     # A key (so auto means online) and a server address where nothing listens.

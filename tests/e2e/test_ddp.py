@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rnnddp.models import build_model
+from rnnddp.wandb_files import history, offline_runs
 from tests.conftest import REPO, final_eval, free_port, job_env, latest_state, read_metrics, run_job, worker_exit_codes
-from tests.wandb_files import history, offline_runs
 
 SHORT = [
     "model.hidden_size=32",

@@ -25,8 +25,8 @@ from typing import NoReturn
 import pytest
 import torch
 
+from rnnddp.wandb_files import history, offline_runs
 from tests.conftest import REPO, effective_train_steps, final_eval, free_port, job_env, latest_state, read_metrics
-from tests.wandb_files import history, offline_runs
 
 SLURM_DIR = REPO / "slurm"
 CLUSTER = SLURM_DIR / "ci_cluster.sh"
