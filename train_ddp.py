@@ -6,8 +6,9 @@
     python train_ddp.py --help
 
 Overrides are OmegaConf dotlist entries (key=value); see configs/default.yaml for every key.
-Exit codes: 0 done (or already finished), 75 stopped by a signal after a checkpoint (resumable),
-3 the loss diverged, 2 bad input (one-line message), 1 unexpected error.
+Exit codes: 0 done (or already finished), 75 resumable: stopped by a signal after a checkpoint, or
+another rank was lost (dist.peer_timeout_s) and the newest checkpoint stands; 3 the loss diverged,
+2 bad input (one-line message), 1 unexpected error.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import os
 LAUNCHER_PID = os.getppid()  # before the slow imports: a launcher that dies during them still counts
 
 import logging
+import re
 import sys
 
 from rnnddp import dist
 from rnnddp.config import load_config
-from rnnddp.errors import UserError
+from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.job import run
 from rnnddp.metrics import setup_logging
 
@@ -31,11 +33,12 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     info = dist.DistInfo()
+    broken = False
     try:
         cfg = load_config(argv)
         dist.stop_with_launcher(LAUNCHER_PID, list(cfg.train.stop_signals))
         dist.flush_denormals(cfg.train.flush_denormals)  # before any tensor work (see there)
-        info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
+        info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.peer_timeout_s)
         setup_logging(info.is_main, info.rank)
         # Probed again, apart from the call above: the job checks its threads, not its own return value.
         cpu_main = info.is_main and info.device.type == "cpu"
@@ -52,8 +55,24 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         logging.getLogger("rnnddp").warning("interrupted")
         return 130
+    except Exception as e:
+        if not (info.distributed and dist.lost_peer(e)):
+            raise
+        # A host died or its link went down: nothing to save collectively, and the newest checkpoint
+        # on disk is complete (saves are atomic). Every surviving rank says so and exits resumable.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]  # gloo's "[source file:line]" prefix
+        print(
+            f"error: [rank {info.rank}] lost contact with another rank ({first}); the newest checkpoint "
+            f"stands: rerun the same command to resume (exit {EXIT_STOPPED})",
+            file=sys.stderr,
+            flush=True,
+        )
+        broken = True  # leave the broken group without a teardown that talks to the lost rank
+        return EXIT_STOPPED
     finally:
-        dist.teardown()
+        if not broken:
+            dist.teardown()
 
 
 if __name__ == "__main__":

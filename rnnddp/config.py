@@ -101,7 +101,8 @@ class WandbConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
-    timeout_s: int = 1800  # collective timeout; must outlast rank-0 evaluation and saves
+    timeout_s: int = 1800  # how long the others wait for rank 0's own work (validation, saves, the test)
+    peer_timeout_s: int = 60  # a rank that does not answer a training-step collective by then is lost
     grad_sync: str = "auto"  # auto | allreduce | allgather: how DDP averages gradients (see dist.py)
 
 
@@ -174,6 +175,7 @@ POSITIVE = (
     "eval.batch_size",
     "checkpoint.keep",
     "dist.timeout_s",
+    "dist.peer_timeout_s",
     "optim.lr",
     "wandb.init_timeout_s",
 )

@@ -31,6 +31,7 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     backend: str = ""  # "" when no process group was created
     cpu_group: Any = None  # a gloo group for host-side votes (None: the default group is gloo)
+    wait_group: Any = None  # a gloo group with the long timeout, for waiting on rank 0's own work
 
     @property
     def is_main(self) -> bool:
@@ -41,8 +42,15 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
-    """Read the launcher's environment, pick the device, and join the process group."""
+def setup(backend: str = "auto", timeout_s: int = 1800, peer_timeout_s: int = 60) -> DistInfo:
+    """Read the launcher's environment, pick the device, and join the process group.
+
+    Two timeouts: a collective that every rank enters at once (the gradient exchange, the stop
+    vote, the loss average) fails after ``peer_timeout_s``: a rank that has not answered by then
+    is taken as lost (its host died or its link is down). Waiting while rank 0 alone works
+    (validation, a checkpoint save, the final test, a data download) happens in ``wait_group``,
+    whose collectives may take ``timeout_s``.
+    """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -65,6 +73,7 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     # Under a launcher (RANK set) join a group even at world size 1: same code path as N ranks.
     if world_size > 1 or "RANK" in os.environ:
         timeout = datetime.timedelta(seconds=timeout_s)
+        peer_timeout = datetime.timedelta(seconds=peer_timeout_s)
         store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timeout))
         # After torchrun restarts workers (--max-restarts) with a static rendezvous, the store can
         # still hold the previous attempt's addresses, and gloo then dials a dead peer. Keys of
@@ -73,12 +82,24 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
         store = dist.PrefixStore(f"rnnddp/attempt_{attempt}/", store)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(
-            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=peer_timeout, **kwargs
         )
         info.backend = backend
         if backend == "nccl":
-            info.cpu_group = dist.new_group(backend="gloo")
+            info.cpu_group = dist.new_group(backend="gloo", timeout=peer_timeout)
+        info.wait_group = dist.new_group(backend="gloo", timeout=timeout)
     return info
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank stopped answering
+    (a closed connection, or no answer within ``dist.peer_timeout_s``)."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+    )
 
 
 def stop_with_launcher(launcher_pid: int, stop_signals: list[str]) -> None:
@@ -161,20 +182,19 @@ def _active() -> bool:
 
 
 def barrier(info: DistInfo) -> None:
-    if not _active():
-        return
-    if info.backend == "nccl":
-        dist.barrier(device_ids=[info.local_rank])
-    else:
-        dist.barrier()
+    """Wait for every rank, however long rank 0's own work takes (the long timeout)."""
+    if _active():
+        dist.barrier(group=info.wait_group)
 
 
 def all_ok(ok: bool, info: DistInfo) -> bool:
-    """True when every rank says ok; lets a rank that failed alone stop the others cleanly."""
+    """True when every rank says ok; lets a rank that failed alone stop the others cleanly.
+
+    In the wait group: the ranks may arrive far apart (rank 0 downloading the data, say)."""
     if not _active():
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=info.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = torch.tensor([0.0 if ok else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.wait_group)
     return flag.item() == 0.0
 
 
@@ -191,10 +211,13 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def broadcast(value: torch.Tensor, src: int = 0) -> torch.Tensor:
-    if _active():
-        dist.broadcast(value, src=src)
-    return value
+def broadcast_from_main(values: list[float], info: DistInfo) -> list[float]:
+    """Rank 0's numbers on every rank; the others wait (long timeout) while rank 0 computes them."""
+    if not _active():
+        return values
+    buf = torch.tensor(values, dtype=torch.float64)
+    dist.broadcast(buf, src=0, group=info.wait_group)
+    return buf.tolist()
 
 
 def gather_objects(obj: object, info: DistInfo) -> list:
@@ -249,6 +272,10 @@ class FlagVote:
         if self._work is not None:
             self._work.wait()
             self._work = None
+
+    def abandon(self) -> None:
+        """Forget the vote in flight without waiting for it (the job is failing; a peer may be gone)."""
+        self._work = None
 
 
 def allgather_mean_hook(group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -241,8 +241,7 @@ class Trainer:
                     if not self.finished and vote(self.stop.requested):
                         vote.close()
                         self._log_window(bar)
-                        self._save()
-                        dist.barrier(info)  # nobody exits while rank 0 still writes (other nodes' torchrun)
+                        self._save()  # ends in a barrier: nobody exits while rank 0 still writes
                         log.warning(
                             "stopped on %s at step %d: checkpoint saved",
                             self.stop.name or "a peer's signal",
@@ -258,6 +257,9 @@ class Trainer:
                         f"epoch {self.epoch} has no batch at or after {self.step_in_epoch} of "
                         f"{self.batches.steps_per_epoch}; the checkpoint does not fit this data"
                     )
+        except BaseException:
+            vote.abandon()  # a lost peer would never answer it
+            raise
         finally:
             vote.close()
             if self._owns_stop:
@@ -324,11 +326,11 @@ class Trainer:
         Returns whether this is the best result so far (the same answer on every rank).
         """
         name = self.metric.name
-        result = torch.zeros(2, device=self.info.device, dtype=torch.float64)
+        result = [0.0, 0.0]
         if self.info.is_main:
             m = self.validate(self.module)
-            result = torch.tensor([m["loss"], m[name]], device=self.info.device, dtype=torch.float64)
-        loss, value = dist.broadcast(result).tolist()
+            result = [float(m["loss"]), float(m[name])]
+        loss, value = dist.broadcast_from_main(result, self.info)
         new_best = self.metric.better(value, self.best)
         if new_best:
             self.best = value
@@ -346,6 +348,9 @@ class Trainer:
             return
         state = self.state_dict()  # every rank joins: RNG states are gathered
         path = self.checkpoints.save(state, self.global_step, best=best)
+        # The others wait here, not in the next step's gradient exchange, which gives up on a peer
+        # after dist.peer_timeout_s: a large checkpoint on a slow disk may take longer.
+        dist.barrier(self.info)
         if path is not None:
             log.info("saved %s%s", path, " (best)" if best else "")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from rnnddp.models import build_model
 from tests.conftest import REPO, free_port, job_env, latest_state, run_job
+from tests.hosts import torchrun_cmd
 
 # The same optimisation on 4 ranks (2 nodes x 2) and on 1 process: global batch 64 either way.
 ARGS = [
@@ -24,26 +24,10 @@ ARGS = [
 ]
 
 
-def node_cmd(endpoint: str, rdzv_id: str, args: list[str], nnodes: int = 2, nproc: int = 2) -> list[str]:
-    """What each node runs (what slurm/train.sbatch runs under srun): torchrun with a c10d rendezvous."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nnodes={nnodes}",
-        f"--nproc_per_node={nproc}",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint={endpoint}",
-        f"--rdzv_id={rdzv_id}",
-        str(REPO / "train_ddp.py"),
-        *args,
-    ]
-
-
 def test_two_nodes_on_loopback_match_one_process(tmp_path: Path, mnist_root: Path) -> None:
     args = [*ARGS, f"data.root={mnist_root}"]
     multi = tmp_path / "two_nodes"
-    cmd = node_cmd(f"127.0.0.1:{free_port()}", uuid.uuid4().hex[:8], [*args, f"run_dir={multi}"])
+    cmd = torchrun_cmd(f"127.0.0.1:{free_port()}", uuid.uuid4().hex[:8], [*args, f"run_dir={multi}"])
     # Both launchers name the same endpoint: the first to bind it hosts the store, the other joins.
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     nodes = []
