@@ -6,6 +6,7 @@ the model, optimiser, schedule, precision, step and trainer through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -225,6 +226,14 @@ def run(cfg: Any, info: DistInfo) -> int:
         stop.close()
 
 
+def _note_lost_peer(run_dir: Path, step: int, rank: int) -> None:
+    """Append a ``lost_peer`` event to metrics.jsonl (one short write in append mode: whole lines
+    from several ranks at once)."""
+    record = {"step": step, "time": round(time.time(), 3), "event": "lost_peer", "rank": rank}
+    with contextlib.suppress(OSError), (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _tested(run_dir: Path, step: int) -> bool:
     """Whether the run directory records the final test of step ``step`` (its ``finished`` event)."""
     try:
@@ -298,6 +307,11 @@ def _train_and_test(
         if status == "finished":
             test = evaluate_on_test(built, cfg, info, run_dir)
             trainer.logger.event("finished", trainer.global_step)
+    except Exception as e:
+        if info.distributed and dist.lost_peer(e):
+            # Every surviving rank notes it (rank 0 may be the one lost): a scheduler's script reads it.
+            _note_lost_peer(run_dir, trainer.global_step, info.rank)
+        raise
     finally:
         trainer.logger.close()
     # Leave together: a rank that tears its process group down while rank 0 still tests, draws

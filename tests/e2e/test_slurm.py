@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -112,15 +112,26 @@ def slurm_env() -> Iterator[dict[str, str]]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _job_info(env: dict[str, str], job_id: str) -> dict[str, str]:
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True)
+def _job_info(env: dict[str, str], job_id: str, wrap: Callable[[list[str]], list[str]]) -> dict[str, str]:
+    proc = subprocess.run(wrap(["scontrol", "show", "job", "-o", job_id]), env=env, capture_output=True, text=True)
     return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
 
 class Job:
-    """One submission of slurm/train.sbatch: its id, output file and (job-id-derived) run_dir."""
+    """One submission of slurm/train.sbatch: its id, output file and (job-id-derived) run_dir.
 
-    def __init__(self, slurm_env: dict[str, str], folder: Path, mnist_root: Path, args: list[str]) -> None:
+    ``wrap``: how a client command (sbatch, scontrol, scancel) reaches the cluster (default: as is)."""
+
+    def __init__(
+        self,
+        slurm_env: dict[str, str],
+        folder: Path,
+        mnist_root: Path,
+        args: list[str],
+        wrap: Callable[[list[str]], list[str]] = list,
+        sbatch: list[str] = (),
+    ) -> None:
+        self.wrap = wrap
         self.env = {
             **job_env(),
             **slurm_env,
@@ -135,7 +146,7 @@ class Job:
             "WANDB_MODE": "offline",
         }
         proc = subprocess.run(
-            ["sbatch", "--parsable", "--export=ALL", f"--output={folder}/%x-%j.out", str(SBATCH)]
+            wrap(["sbatch", "--parsable", "--export=ALL", *sbatch, f"--output={folder}/%x-%j.out", str(SBATCH)])
             + [*args, f"data.root={mnist_root}"],
             env=self.env,
             cwd=REPO,
@@ -150,7 +161,12 @@ class Job:
         self.run_dir = folder / f"slurm-{self.id}"  # RUNS_DIR/slurm-<jobid>: stable across requeues
 
     def info(self) -> dict[str, str]:
-        return _job_info(self.env, self.id)
+        return _job_info(self.env, self.id, self.wrap)
+
+    def signal(self, name: str) -> None:
+        """What --signal=B:<name>@lead does before the time limit, sent now, to the batch script."""
+        cmd = self.wrap(["scancel", f"--signal={name}", "--batch", self.id])
+        subprocess.run(cmd, env=self.env, check=True, timeout=30)
 
     def output(self) -> str:
         return self.log.read_text() if self.log.is_file() else "(no output file)"
@@ -163,7 +179,7 @@ class Job:
             if info.get("JobState") in TERMINAL:
                 return info
             time.sleep(0.5)
-        subprocess.run(["scancel", self.id], env=self.env)
+        subprocess.run(self.wrap(["scancel", self.id]), env=self.env)
         raise AssertionError(f"job {self.id} not finished in {timeout}s ({self.info()})\n{self.output()[-3000:]}")
 
     def wait_for_step(self, step: int, timeout: float = 120) -> None:
@@ -216,7 +232,7 @@ def test_usr1_checkpoints_requeues_and_the_second_run_resumes_exactly(
         assert time.time() < deadline, f"W&B did not start\n{job.output()[-3000:]}"
         time.sleep(0.1)
     # What --signal=B:USR1@lead does before the time limit, sent now.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=job.env, check=True, timeout=30)
+    job.signal("USR1")
     final = job.wait()
     out = job.output()
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", f"{final}\n{out[-3000:]}"
