@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COPIED = ("rnnddp", "tests", "configs", "train_ddp.py", "pyproject.toml")
+COPIED = ("rnnddp", "tests", "configs", "slurm", "train_ddp.py", "pyproject.toml")
 DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -58,8 +58,8 @@ MUTANTS = [
         "stop_checkpoint",
         "a stop signal saves a checkpoint at the step boundary before exit 75",
         "rnnddp/train/trainer.py",
-        "                        self._save()\n                        dist.barrier(info)",
-        "                        dist.barrier(info)",
+        "                        self._save()  # ends in a barrier",
+        "                        dist.barrier(info)  #",
         ("tests/e2e/test_faults.py::test_one_process_stops_at_the_next_step_and_exits_75",),
     ),
     Mutant(
@@ -225,6 +225,54 @@ MUTANTS = [
         "precision = resolve_precision(r.cfg.train.precision, device)",
         'precision = resolve_precision("fp32", device)',
         ("tests/e2e/test_claims.py::test_evaluate_uses_the_precision_the_run_trained_in",),
+    ),
+    Mutant(
+        "wandb_skip_known",
+        "after a crash W&B does not get again the steps it already holds",
+        "rnnddp/metrics.py",
+        "        if step > self._wandb_has:",
+        "        if True:",
+        ("tests/e2e/test_faults.py::test_sigkill_at_a_random_step_then_resume_matches_uninterrupted",),
+    ),
+    Mutant(
+        "wandb_backfill",
+        "after a crash W&B gets from metrics.jsonl the steps its killed service lost",
+        "rnnddp/metrics.py",
+        "        if resumed_at is not None and resumed_at > self._wandb_has:",
+        "        if False:",
+        ("tests/unit/test_wandb_resume.py",),
+    ),
+    Mutant(
+        "peer_timeout",
+        "a training-step collective gives up on a silent peer after dist.peer_timeout_s",
+        "rnnddp/dist.py",
+        "world_size=world_size, timeout=peer_timeout, **kwargs",
+        "world_size=world_size, timeout=timeout, **kwargs",
+        ("tests/e2e/test_hosts.py::test_a_cut_link_is_noticed_within_the_peer_timeout_and_exits_resumable",),
+    ),
+    Mutant(
+        "wait_group",
+        "the others wait for rank 0's validation in the long-timeout group",
+        "rnnddp/dist.py",
+        "    dist.broadcast(buf, src=0, group=info.wait_group)",
+        "    dist.broadcast(buf, src=0)",
+        ("tests/e2e/test_ddp.py::test_rank_zero_work_longer_than_the_peer_timeout_is_waited_for",),
+    ),
+    Mutant(
+        "lost_peer_exit",
+        "a rank that lost a peer says so in one line and exits 75",
+        "rnnddp/dist.py",
+        "    if isinstance(error, dist.DistError):\n        return True",
+        "    return False",
+        ("tests/e2e/test_hosts.py::test_a_killed_host_is_noticed_and_the_survivor_restarts_smaller_and_finishes",),
+    ),
+    Mutant(
+        "lost_node_requeue",
+        "under SLURM a job that lost a node is requeued",
+        "slurm/train.sbatch",
+        'if [[ "$rc" -ne 0 ]] && lost_a_node; then',
+        "if false; then",
+        ("tests/e2e/test_slurm_two_nodes.py::test_a_lost_node_is_requeued_and_the_job_finishes",),
     ),
 ]
 

@@ -177,3 +177,11 @@ def test_a_new_task_is_one_file_and_one_registry_line(tmp_path: Path):
         text=True,
     )
     assert bad.returncode == 2 and "unknown config key 'parity.lenght'" in bad.stderr
+
+
+def test_every_mutant_still_applies_once() -> None:
+    """python -m tests.mutants edits one place per mutant; code that moved must move the mutant too."""
+    from tests.mutants import MUTANTS, REPO
+
+    moved = [m.name for m in MUTANTS if (REPO / m.file).read_text().count(m.old) != 1]
+    assert not moved, f"mutants whose text is not found exactly once: {moved}"
