@@ -1,0 +1,198 @@
+"""Readers for users' sequence files: the UEA/UCR archive's ``.ts`` text format and NumPy ``.npz``.
+
+Each reader returns a :class:`Sequences`: one ``[T_i, F]`` float32 array per sequence and its
+target (a class name, or a per-step array). Malformed input is a :class:`UserError` naming the
+file, the line or record, and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rnnddp.errors import UserError
+
+
+@dataclass
+class Sequences:
+    path: Path
+    features: list[np.ndarray]  # [T_i, F] float32 each
+    labels: list[str] = field(default_factory=list)  # one class name per sequence (sequence targets)
+    steps: list[np.ndarray] = field(default_factory=list)  # one [T_i] int64 array per sequence (per-step targets)
+    class_names: list[str] = field(default_factory=list)  # declared by the file (.ts @classLabel), else empty
+
+    @property
+    def feature_count(self) -> int:
+        return int(self.features[0].shape[1]) if self.features else 0
+
+    @property
+    def per_step(self) -> bool:
+        return bool(self.steps)
+
+
+def read_sequences(path: Path) -> Sequences:
+    """A ``.ts`` or ``.npz`` file, by its suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; give the path of a .ts or .npz file")
+    if path.suffix.lower() == ".ts":
+        return read_ts(path)
+    if path.suffix.lower() == ".npz":
+        return read_npz(path)
+    raise UserError(f"{path}: unknown format {path.suffix!r}; give a UEA/UCR .ts file or a NumPy .npz (x, y)")
+
+
+def _flag(value: str, tag: str, path: Path, line_no: int) -> bool:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise UserError(f"{path}:{line_no}: @{tag} must be true or false, not {value!r}")
+
+
+def read_ts(path: Path) -> Sequences:
+    """The UEA/UCR ``.ts`` format: ``@`` header lines, then one sequence per line after ``@data``:
+    channels separated by ``:``, values by ``,``, ``?`` for a missing value, the class label last."""
+    header: dict[str, str] = {}
+    out = Sequences(path, [])
+    in_data = False
+    dims: int | None = None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line_no, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not in_data:
+                if not line.startswith("@"):
+                    raise UserError(f"{path}:{line_no}: expected an @ header line or @data, got {line[:40]!r}")
+                tag, _, value = line[1:].partition(" ")
+                tag, value = tag.lower(), value.strip()
+                if tag == "data":
+                    in_data = True
+                    if header.get("timestamps", "false").lower() == "true":
+                        raise UserError(
+                            f"{path}: @timeStamps true is not supported; write the values without time stamps"
+                        )
+                    if "targetlabel" in header and header["targetlabel"].lower().startswith("true"):
+                        raise UserError(
+                            f"{path}: regression targets (@targetLabel) are not supported; use class labels"
+                        )
+                    if "classlabel" not in header:
+                        raise UserError(f"{path}: no @classLabel line before @data; add '@classLabel true <labels>'")
+                    dims = int(header["dimensions"]) if header.get("dimensions", "").isdigit() else None
+                    labels = header["classlabel"].split()
+                    if not labels or not _flag(labels[0], "classLabel", path, line_no):
+                        raise UserError(f"{path}: @classLabel false: sequences need class labels for this task")
+                    out.class_names = labels[1:]
+                    missing_ok = _flag(header.get("missing", "true"), "missing", path, line_no)
+                    continue
+                header[tag] = value
+                continue
+            parts = line.split(":")
+            if len(parts) < 2:
+                raise UserError(f"{path}:{line_no}: a sequence line needs its channels and a class label after ':'")
+            *channels, label = parts
+            label = label.strip()
+            if dims is None:
+                dims = len(channels)
+            if not label or _is_number_list(label):  # the last field holds values: the label is missing
+                raise UserError(f"{path}:{line_no}: no class label at the end of the line (after the last ':')")
+            if len(channels) != dims:
+                raise UserError(f"{path}:{line_no}: {len(channels)} channels, but @dimensions is {dims}; fix the line")
+            if out.class_names and label not in out.class_names:
+                raise UserError(f"{path}:{line_no}: class label {label!r} is not in @classLabel {out.class_names}")
+            values = [_channel(c, path, line_no, i) for i, c in enumerate(channels)]
+            lengths = {len(v) for v in values}
+            if len(lengths) != 1:
+                raise UserError(
+                    f"{path}:{line_no}: channels of different lengths {sorted(lengths)}; pad or cut them alike"
+                )
+            seq = np.asarray(values, dtype=np.float32).T  # [T, F]
+            if not missing_ok and np.isnan(seq).any():
+                raise UserError(f"{path}:{line_no}: a missing value ('?' or NaN) but the header says @missing false")
+            out.features.append(seq)
+            out.labels.append(label)
+    if not in_data:
+        raise UserError(f"{path}: no @data line; is this a UEA/UCR .ts file?")
+    if not out.features:
+        raise UserError(f"{path}: no sequences after @data")
+    return out
+
+
+def _is_number_list(text: str) -> bool:
+    try:
+        [float(v) for v in text.split(",")]
+    except ValueError:
+        return False
+    return "," in text
+
+
+def _channel(text: str, path: Path, line_no: int, index: int) -> list[float]:
+    items = [v.strip() for v in text.split(",")]
+    if items == [""]:
+        raise UserError(f"{path}:{line_no}: channel {index + 1} is empty: every sequence needs at least one step")
+    try:
+        return [math.nan if v in ("?", "NaN", "nan") else float(v) for v in items]
+    except ValueError:
+        bad = next(v for v in items if not _is_float(v))
+        raise UserError(f"{path}:{line_no}: channel {index + 1} has {bad!r}, not a number") from None
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return v in ("?", "NaN", "nan")
+    return True
+
+
+def read_npz(path: Path) -> Sequences:
+    """``x``: ``[N, T, F]`` (or ``[N, T]``: one feature), or an object array of ``[T_i, F]``
+    sequences; ``y``: ``[N]`` labels (numbers or strings), or an object array of ``[T_i]`` per-step
+    labels."""
+    try:
+        data = np.load(path, allow_pickle=True)  # object arrays need pickle: the user's own file
+        keys = set(data.files)
+    except Exception as e:
+        raise UserError(
+            f"{path}: not a readable .npz ({type(e).__name__}); save it with numpy.savez(x=..., y=...)"
+        ) from None
+    for key in ("x", "y"):
+        if key not in keys:
+            raise UserError(f"{path}: no array {key!r} (it has {sorted(keys)}); save it with numpy.savez(x=..., y=...)")
+    x, y = data["x"], data["y"]
+    if x.dtype == object:
+        seqs = [np.asarray(s, dtype=np.float32) for s in x]
+    else:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        if x.ndim != 3:
+            raise UserError(f"{path}: x has shape {x.shape}; give [N, T, F], or an object array of [T_i, F] sequences")
+        seqs = list(x)
+    if len(y) != len(seqs):
+        raise UserError(f"{path}: {len(seqs)} sequences in x but {len(y)} labels in y; give one per sequence")
+    out = Sequences(path, [])
+    features = None
+    for i, s in enumerate(seqs):
+        if s.ndim == 1:
+            s = s[:, None]
+        if s.ndim != 2 or s.shape[0] == 0:
+            raise UserError(f"{path}: record {i}: sequence of shape {s.shape}; every sequence needs [T >= 1, F]")
+        features = s.shape[1] if features is None else features
+        if s.shape[1] != features:
+            raise UserError(f"{path}: record {i}: {s.shape[1]} features, record 0 has {features}; give all the same")
+        if np.isnan(s).any():
+            raise UserError(f"{path}: record {i}: NaN in the features; fill or drop missing values first")
+        out.features.append(np.ascontiguousarray(s, dtype=np.float32))
+    per_step = y.dtype == object and all(np.ndim(t) == 1 for t in y)
+    for i, t in enumerate(y):
+        if per_step:
+            t = np.asarray(t)
+            if len(t) != len(out.features[i]):
+                raise UserError(f"{path}: record {i}: {len(t)} per-step labels for {len(out.features[i])} steps")
+            out.steps.append(t.astype(np.int64))
+        else:
+            out.labels.append(str(t.item() if hasattr(t, "item") else t))
+    return out

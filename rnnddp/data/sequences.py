@@ -1,0 +1,176 @@
+"""The prepared sequence data set on disk: one folder, memory-mapped, read by each rank in place.
+
+    DIR/manifest.json                  format version, feature count, class names, train-split
+                                       mean/std per feature, length statistics per split
+    DIR/<split>.features.npy           float32 [total_steps, F]: every sequence of the split, end to end
+    DIR/<split>.offsets.npy            int64 [N + 1]: sequence i is rows offsets[i]:offsets[i+1]
+    DIR/<split>.labels.npy             int64 [N] (one class per sequence) or
+    DIR/<split>.targets.npy            int64 [total_steps] (a class at every step)
+
+The layout is Arrow's list array (one flat values buffer plus offsets), which Megatron's indexed
+data set (``.bin`` + ``.idx``) also uses; each array is a plain ``.npy`` file, whose header
+carries its dtype and shape, so ``numpy.load(mmap_mode="r")`` maps it without a reader of our own
+and a rank touches only the pages of the rows its batches hold. Features are stored as given;
+normalisation (the train split's statistics in the manifest) is applied when a batch is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rnnddp.errors import UserError
+
+FORMAT = "rnnddp-sequences"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitArrays:
+    """One split in memory or mapped: features [total_steps, F], offsets [N + 1], labels or targets."""
+
+    features: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray | None = None  # [N]
+    targets: np.ndarray | None = None  # [total_steps]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.features[self.offsets[i] : self.offsets[i + 1]]
+
+
+def pack(features: list[np.ndarray], labels: np.ndarray | None, steps: list[np.ndarray] | None) -> SplitArrays:
+    """Sequences end to end, with their offsets."""
+    lengths = np.array([len(f) for f in features], dtype=np.int64)
+    offsets = np.zeros(len(features) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    targets = np.concatenate(steps).astype(np.int64) if steps else None
+    return SplitArrays(np.concatenate(features).astype(np.float32), offsets, labels, targets)
+
+
+def length_stats(split: SplitArrays) -> dict[str, float]:
+    n = split.lengths
+    return {
+        "sequences": len(split),
+        "steps": int(split.offsets[-1]),
+        "min_length": int(n.min()),
+        "max_length": int(n.max()),
+        "mean_length": round(float(n.mean()), 3),
+        "median_length": float(np.median(n)),
+    }
+
+
+def write_prepared(out: Path, splits: dict[str, SplitArrays], class_names: list[str], source: dict[str, Any]) -> Path:
+    """Write a prepared folder atomically: into a temporary folder beside ``out``, renamed when complete.
+
+    ``out`` must not exist (nothing of the user's is replaced). Statistics come from ``splits["train"]``.
+    """
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; remove it or give another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    train = splits["train"]
+    feats = train.features.astype(np.float64)
+    std = feats.std(axis=0)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "features": int(train.features.shape[1]),
+        "target": "per_step" if train.targets is not None else "label",
+        "classes": list(class_names),
+        "mean": [round(float(v), 7) for v in feats.mean(axis=0)],
+        "std": [round(float(v), 7) if v > 0 else 1.0 for v in std],  # a constant feature: leave it as it is
+        "splits": {name: length_stats(s) for name, s in splits.items()},
+        "source": source,
+    }
+    try:
+        tmp.mkdir()
+        for name, s in splits.items():
+            np.save(tmp / f"{name}.features.npy", s.features)
+            np.save(tmp / f"{name}.offsets.npy", s.offsets)
+            if s.targets is not None:
+                np.save(tmp / f"{name}.targets.npy", s.targets)
+            else:
+                np.save(tmp / f"{name}.labels.npy", s.labels)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class Prepared:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def feature_count(self) -> int:
+        return int(self.manifest["features"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def per_step(self) -> bool:
+        return self.manifest["target"] == "per_step"
+
+    def split(self, name: str) -> SplitArrays | None:
+        """A split memory-mapped (None when the folder has none of that name)."""
+        if name not in self.manifest["splits"]:
+            return None
+
+        def load(kind: str) -> np.ndarray:
+            f = self.path / f"{name}.{kind}.npy"
+            try:
+                return np.load(f, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise UserError(f"{f}: cannot be read ({e}); prepare the folder again with rnnddp-prepare") from None
+
+        kind = "targets" if self.per_step else "labels"
+        arrays = SplitArrays(load("features"), np.asarray(load("offsets")))
+        setattr(arrays, kind, load(kind))
+        return arrays
+
+
+def open_prepared(path: Path) -> Prepared:
+    """The manifest of a prepared folder, checked; the arrays are mapped when a split is asked for."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(
+            f"data.path={path} is not a prepared data set (no manifest.json); "
+            "make one with: rnnddp-prepare --train FILE --test FILE --out DIR"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise UserError(f"{manifest_path} is not valid JSON; prepare the folder again with rnnddp-prepare") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{manifest_path} is not an rnnddp sequence manifest; prepare the folder with rnnddp-prepare")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise UserError(
+            f"{manifest_path} has format version {manifest.get('version')}, this rnnddp reads version "
+            f"{FORMAT_VERSION}; prepare the folder again with this rnnddp-prepare"
+        )
+    return Prepared(path, manifest)

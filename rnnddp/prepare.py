@@ -1,0 +1,143 @@
+"""Prepare your own sequences for training: ``.ts`` (UEA/UCR) or ``.npz`` files -> one memory-mapped folder.
+
+    rnnddp-prepare --train TRAIN.ts --test TEST.ts --out data/mine        # validation carved from train
+    rnnddp-prepare --train a.npz --val b.npz --test c.npz --out data/mine
+    python -m rnnddp.prepare --help
+
+Without ``--val`` a stratified validation split (``--val-fraction`` of each class, at least one
+sequence of each class that has two or more) is drawn from train with a fixed seed. Normalisation
+statistics come from the train split alone. The folder is written under a temporary name and
+renamed when complete: a failure or a kill leaves no half-written ``--out``.
+
+Exit codes: 0 written, 2 bad input (one line naming the file and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rnnddp.data.readers import Sequences, read_sequences
+from rnnddp.data.sequences import SplitArrays, open_prepared, pack, write_prepared
+from rnnddp.errors import UserError
+
+VAL_SEED = 20260601  # the same draw every time: one validation split per data set
+
+
+def stratified_split(labels: list[str], fraction: float, seed: int = VAL_SEED) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices): ``fraction`` of each class to validation, by a seeded draw."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for name in sorted(set(labels)):
+        idx = np.array([i for i, label in enumerate(labels) if label == name])
+        rng.shuffle(idx)
+        # Every class on both sides when it can be.
+        k = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1) if len(idx) >= 2 else 0
+        val += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return sorted(train), sorted(val)
+
+
+def _subset(s: Sequences, idx: list[int]) -> Sequences:
+    return Sequences(
+        s.path,
+        [s.features[i] for i in idx],
+        [s.labels[i] for i in idx] if s.labels else [],
+        [s.steps[i] for i in idx] if s.steps else [],
+        s.class_names,
+    )
+
+
+def prepare(train: Path, test: Path, out: Path, val: Path | None = None, val_fraction: float = 0.2) -> Path:
+    """Read, check and write; returns ``out``."""
+    if not 0 < val_fraction < 1 and val is None:
+        raise UserError(f"--val-fraction {val_fraction}: must be between 0 and 1 (or give --val FILE)")
+    parts = {"train": read_sequences(train), "test": read_sequences(test)}
+    if val is not None:
+        parts["val"] = read_sequences(val)
+    tr = parts["train"]
+    for s in parts.values():
+        if s.feature_count != tr.feature_count:
+            raise UserError(
+                f"{s.path}: {s.feature_count} features per step, but the train file {tr.path} has "
+                f"{tr.feature_count}; give splits of the same data set"
+            )
+        if s.per_step != tr.per_step:
+            raise UserError(f"{s.path}: per-step labels in one split and one label per sequence in another")
+    if tr.per_step:
+        classes = sorted({int(v) for s in parts.values() for t in s.steps for v in np.unique(t)})
+        names = [str(c) for c in classes]
+        seen = {int(v) for t in tr.steps for v in np.unique(t)}
+        unseen = sorted(set(classes) - seen)
+    else:
+        seen_labels = set(tr.labels)
+        names = tr.class_names or sorted(seen_labels, key=_label_key)
+        unseen = sorted({label for s in parts.values() for label in s.labels} - seen_labels, key=_label_key)
+    if unseen:
+        where = next(s.path for s in parts.values() if s is not tr)
+        raise UserError(
+            f"{where}: class(es) {', '.join(map(str, unseen))} never occur in the train file {tr.path}; "
+            "a model cannot learn them: add examples to train or drop them"
+        )
+    if "val" not in parts:
+        if tr.per_step:
+            rng = np.random.default_rng(VAL_SEED)
+            order = rng.permutation(len(tr.features))
+            k = max(1, int(round(val_fraction * len(order))))
+            tr_idx, val_idx = sorted(order[k:].tolist()), sorted(order[:k].tolist())
+        else:
+            tr_idx, val_idx = stratified_split(tr.labels, val_fraction)
+        if not val_idx or not tr_idx:
+            raise UserError(
+                f"{tr.path}: too few sequences ({len(tr.features)}) to carve a validation split; give --val"
+            )
+        parts["val"] = _subset(tr, val_idx)
+        parts["train"] = _subset(tr, tr_idx)
+    index = {n: i for i, n in enumerate(names)}
+    arrays: dict[str, SplitArrays] = {}
+    for name in ("train", "val", "test"):
+        s = parts[name]
+        if s.per_step:
+            arrays[name] = pack(s.features, None, [np.array([index[str(int(v))] for v in t]) for t in s.steps])
+        else:
+            arrays[name] = pack(s.features, np.array([index[label] for label in s.labels], dtype=np.int64), None)
+    source = {"train": str(train), "test": str(test), "val": str(val) if val else f"{val_fraction} of train"}
+    return write_prepared(out, arrays, names, source)
+
+
+def _label_key(label: str) -> tuple[int, float | str]:
+    """Numeric labels in numeric order ("2" before "10"), others alphabetically after them."""
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rnnddp-prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=Path, required=True, help="training sequences (.ts or .npz)")
+    p.add_argument("--test", type=Path, required=True, help="test sequences (.ts or .npz)")
+    p.add_argument("--val", type=Path, help="validation sequences; default: carved from --train")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class carved from train (0.2)")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
+    a = p.parse_args(argv)
+    try:
+        out = prepare(a.train, a.test, a.out, a.val, a.val_fraction)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    m = open_prepared(out).manifest
+    print(f"wrote {out}: {m['features']} features, {len(m['classes'])} classes")
+    for name, st in m["splits"].items():
+        print(
+            f"  {name:5s} {st['sequences']:6d} sequences, {st['steps']:8d} steps, "
+            f"lengths {st['min_length']}-{st['max_length']} (median {st['median_length']:g})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
