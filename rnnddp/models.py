@@ -51,11 +51,16 @@ class SequenceClassifier(nn.Module):
         self.directions = 2 if bidirectional else 1
         self.head = nn.Linear(hidden_size * self.directions, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``lengths`` (a CPU int tensor, one per sequence): ``x`` is padded after each sequence's
+        end, and the stack runs packed, so each direction starts and ends at the sequence's own
+        steps (the backward one at its last real step): padding changes nothing."""
+        if lengths is not None:
+            x = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         _, state = self.rnn(x)
         h_n = state[0] if isinstance(state, tuple) else state  # LSTM returns (h_n, c_n)
         # h_n: [layers * directions, B, H]; take the top layer's final state per direction.
-        last = h_n[-self.directions :].transpose(0, 1).reshape(x.shape[0], -1)
+        last = h_n[-self.directions :].transpose(0, 1).reshape(h_n.shape[1], -1)
         return self.head(last)
 
 

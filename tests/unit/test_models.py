@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rnnddp.models import CELLS, build_model, chrono_init_
+from rnnddp.models import CELLS, SequenceClassifier, build_model, chrono_init_
 from rnnddp.train.optim import lr_factor
 
 
@@ -100,3 +100,18 @@ def test_chrono_init_biases():
     assert r.abs().max() == 0 and n.abs().max() == 0 and gru.bias_hh_l0.abs().max() == 0
     with pytest.raises(ValueError, match="LSTM or GRU"):
         chrono_init_(torch.nn.RNN(3, 16), 100)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_padded_batch_gives_each_sequence_what_it_gives_alone(cell: str) -> None:
+    """Bidirectional and two layers deep: packed, the backward direction starts at each sequence's last real step."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(cell=cell, input_size=3, hidden_size=8, num_layers=2, bidirectional=True, num_classes=4)
+    model.eval()
+    lengths = torch.tensor([5, 9, 2, 7])
+    seqs = [torch.randn(int(n), 3) for n in lengths]
+    padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=7.0)  # loud padding
+    together = model(padded, lengths)
+    alone = torch.cat([model(s[None]) for s in seqs])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(model(padded)[0], alone[0], atol=1e-3)  # unpacked, the padding would leak in
