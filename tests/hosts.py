@@ -94,10 +94,13 @@ class Host:
         return killed
 
     def ranks(self) -> dict[int, int]:
-        """rank -> pid of the training processes on this host (their RANK, read from /proc)."""
+        """rank -> pid of the training processes on this host (their RANK, read from /proc); not their
+        children (W&B's service inherits RANK)."""
         found = {}
         for pid in self.pids():
             try:
+                if b"train_ddp.py" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    continue
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue

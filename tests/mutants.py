@@ -58,8 +58,8 @@ MUTANTS = [
         "stop_checkpoint",
         "a stop signal saves a checkpoint at the step boundary before exit 75",
         "rnnddp/train/trainer.py",
-        "                        self._save()  # ends in a barrier",
-        "                        dist.barrier(info)  #",
+        "                        self._save()\n                        dist.barrier(info)",
+        "                        dist.barrier(info)",
         ("tests/e2e/test_faults.py::test_one_process_stops_at_the_next_step_and_exits_75",),
     ),
     Mutant(

@@ -241,7 +241,8 @@ class Trainer:
                     if not self.finished and vote(self.stop.requested):
                         vote.close()
                         self._log_window(bar)
-                        self._save()  # ends in a barrier: nobody exits while rank 0 still writes
+                        self._save()
+                        dist.barrier(info)  # nobody exits while rank 0 still writes (other nodes' torchrun)
                         log.warning(
                             "stopped on %s at step %d: checkpoint saved",
                             self.stop.name or "a peer's signal",
@@ -347,10 +348,9 @@ class Trainer:
             log.warning("not saving step %d: the last loss was not finite", self.global_step)
             return
         state = self.state_dict()  # every rank joins: RNG states are gathered
+        # The others go on to the next step's gradient exchange meanwhile: a write longer than
+        # dist.peer_timeout_s would count as a lost rank 0, but a link cut during the save is noticed.
         path = self.checkpoints.save(state, self.global_step, best=best)
-        # The others wait here, not in the next step's gradient exchange, which gives up on a peer
-        # after dist.peer_timeout_s: a large checkpoint on a slow disk may take longer.
-        dist.barrier(self.info)
         if path is not None:
             log.info("saved %s%s", path, " (best)" if best else "")
 

@@ -42,7 +42,8 @@ def _gone(pids: set[int], timeout: float) -> float:
     t0 = time.monotonic()
     while any(_state(pid) != "Z" for pid in pids):
         if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"processes {pids} still running after {timeout} s")
+            alive = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[-40:] for pid in pids if _state(pid) != "Z"}
+            raise AssertionError(f"processes still running after {timeout} s: {alive}")
         time.sleep(0.05)
     return time.monotonic() - t0
 
