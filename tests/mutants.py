@@ -232,7 +232,7 @@ MUTANTS = [
         "rnnddp/metrics.py",
         "        if step > self._wandb_has:",
         "        if True:",
-        ("tests/e2e/test_faults.py::test_sigkill_at_a_random_step_then_resume_matches_uninterrupted",),
+        ("tests/unit/test_wandb_resume.py::test_steps_that_wandb_holds_are_not_logged_again_when_redone",),
     ),
     Mutant(
         "wandb_backfill",

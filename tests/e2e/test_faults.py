@@ -90,19 +90,6 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-def _wait_for_wandb_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until W&B's offline file of the run holds a history row at ``step`` or later."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"job ended early: {proc.stdout.read()[-2000:]}")
-        files = offline_runs(run)
-        if files and any(int(row["_step"]) >= step for row in history(files[-1])):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"W&B did not write step {step} in {timeout}s")
-
-
 def _workers(torchrun_pid: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes, read from /proc."""
     found = {}
@@ -190,7 +177,6 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path: Pa
         args = [*ARGS, f"data.root={mnist_root}", f"run_dir={run}"]
         proc = _start(args)
         _wait_for_step(run, kill_after, proc)
-        _wait_for_wandb_step(run, kill_after, proc)  # so W&B holds steps that the resumed job redoes
         # Everything, as an OOM kill of the job's cgroup would: the workers (in sessions of their
         # own: killpg(torchrun) misses them) and W&B's service, with whatever it had not yet written.
         doomed = _descendants(proc.pid)
@@ -206,18 +192,16 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path: Pa
     resumed = run_job(args, nproc=2)
     assert "resuming from" in resumed.stdout
     _assert_same_as(reference, run)
-    # W&B (offline) holds each step once over both sessions: the first session's rows up to what
-    # its killed service wrote, the resumed one's after them (the redone steps in between not again).
+    # W&B (offline) holds each step once over both sessions, whatever its killed service had written:
+    # the steps it had are not sent again, those it lost come from metrics.jsonl (both paths alone:
+    # tests/unit/test_wandb_resume.py).
     sessions = [[int(row["_step"]) for row in history(f)] for f in offline_runs(run)]
-    assert len(sessions) == 2, offline_runs(run)
     steps = [s for session in sessions for s in session]
+    resumed_at = [m["step"] for m in read_metrics(run) if m.get("event") == "resume"][0]
+    print(f"W&B steps per session: {[(min(s), max(s)) for s in sessions if s]}; resumed at step {resumed_at}")
     assert sorted(steps) == list(range(1, STEPS + 1)), (
         f"W&B steps per session: {[(min(s), max(s)) for s in sessions if s]}"
     )
-    resumed_at = [m["step"] for m in read_metrics(run) if m.get("event") == "resume"][0]
-    print(f"W&B: session 1 wrote steps up to {max(sessions[0])}, the job resumed at step {resumed_at}")
-    assert max(sessions[0]) > resumed_at  # steps W&B had were redone: not logged twice
-    # (steps that W&B lost with its service are logged again from metrics.jsonl: tests/unit/test_wandb_resume.py)
 
 
 def _last_step(run: Path) -> int:

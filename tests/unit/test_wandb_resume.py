@@ -38,3 +38,18 @@ def test_steps_that_wandb_lost_are_logged_again_from_metrics_jsonl(tmp_path: Pat
     assert sorted(steps) == list(range(1, 26)), steps  # 13..20 again from the file; 21..30 of the dead session not
     loss = {int(row["_step"]): json.loads(row["train/loss"]) for rows in sessions for row in rows}
     assert loss[15] == 1.0 / 15
+
+
+def test_steps_that_wandb_holds_are_not_logged_again_when_redone(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = _logger(run)
+    for step in range(1, 26):  # W&B got up to step 25 before the kill; the checkpoint is step 20
+        first.log({"train/loss": 1.0 / step}, step)
+    first.close()
+    second = _logger(run, resumed_at=20)
+    second.event("resume", 20)
+    for step in range(21, 36):  # the resumed job redoes 21..25 (same values), then goes on
+        second.log({"train/loss": 1.0 / step}, step)
+    second.close()
+    steps = [int(row["_step"]) for f in offline_runs(run) for row in history(f)]
+    assert sorted(steps) == list(range(1, 36)), steps  # 21..25 once, from the first session
