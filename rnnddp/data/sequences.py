@@ -19,12 +19,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from rnnddp.data.batches import check_batch
+from rnnddp.data.buckets import POOL, bucketed_batches, rank_share
 from rnnddp.errors import UserError
 
 FORMAT = "rnnddp-sequences"
@@ -50,6 +54,76 @@ class SplitArrays:
 
     def sequence(self, i: int) -> np.ndarray:
         return self.features[self.offsets[i] : self.offsets[i + 1]]
+
+    def to(self, device: Any) -> SplitArrays:
+        """Stays where it is (mapped from disk); batches go to the device as they are read."""
+        return self
+
+
+def pad_batch(
+    split: SplitArrays, index: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences ``index`` padded with zeros to the longest: (x [b, T, F] float32, lengths [b] int64, labels [b]).
+
+    Only these sequences' rows are read from the mapped file.
+    """
+    lengths = split.lengths[index]
+    x = np.zeros((len(index), int(lengths.max()), split.features.shape[1]), dtype=np.float32)
+    for row, i in enumerate(index):
+        seq = split.sequence(int(i))
+        x[row, : len(seq)] = seq if mean is None else (seq - mean) / std
+    labels = np.asarray(split.labels[index]) if split.labels is not None else np.zeros(len(index), dtype=np.int64)
+    return torch.from_numpy(x), torch.from_numpy(lengths.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
+
+
+class SequenceBatches:
+    """Per-rank training batches of a prepared split: length-bucketed (or random), padded per batch.
+
+    Yields (x on ``device``, lengths on the CPU, as packing wants them, labels on ``device``).
+    ``window_metrics`` reports this rank's padding share since its last call (``train/pad_fraction``).
+    """
+
+    def __init__(
+        self,
+        split: SplitArrays,
+        *,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        mean: np.ndarray | None = None,
+        std: np.ndarray | None = None,
+        bucket: bool = True,
+        pool: int = POOL,
+    ) -> None:
+        check_batch(global_batch_size, world_size, len(split), "the training split")
+        self.split, self.global_batch, self.rank, self.world = split, global_batch_size, rank, world_size
+        self.seed, self.device, self.mean, self.std = seed, device, mean, std
+        self.bucket, self.pool = bucket, pool
+        self.steps_per_epoch = len(split) // global_batch_size
+        self.lengths = np.asarray(split.lengths)
+        self._real = self._padded = 0
+
+    def global_batches(self, epoch: int) -> np.ndarray:
+        if self.bucket:
+            return bucketed_batches(self.lengths, self.global_batch, self.seed, epoch, self.pool)
+        rng = np.random.default_rng([self.seed, epoch])
+        n = self.steps_per_epoch * self.global_batch
+        return rng.permutation(len(self.lengths))[:n].reshape(self.steps_per_epoch, self.global_batch)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        share = rank_share(self.global_batches(epoch), self.rank, self.world)
+        for step in range(start_step, self.steps_per_epoch):
+            x, lengths, y = pad_batch(self.split, share[step], self.mean, self.std)
+            self._real += int(lengths.sum())
+            self._padded += x.shape[0] * x.shape[1]
+            yield x.to(self.device, non_blocking=True), lengths, y.to(self.device, non_blocking=True)
+
+    def window_metrics(self) -> dict[str, float]:
+        fraction = 1.0 - self._real / self._padded if self._padded else 0.0
+        self._real = self._padded = 0
+        return {"train/pad_fraction": fraction}
 
 
 def pack(features: list[np.ndarray], labels: np.ndarray | None, steps: list[np.ndarray] | None) -> SplitArrays:
@@ -159,7 +233,7 @@ def open_prepared(path: Path) -> Prepared:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(
-            f"data.path={path} is not a prepared data set (no manifest.json); "
+            f"sequences.path={path} is not a prepared data set (no manifest.json); "
             "make one with: rnnddp-prepare --train FILE --test FILE --out DIR"
         )
     try:

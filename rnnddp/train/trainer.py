@@ -303,6 +303,10 @@ class Trainer:
             "train/samples_per_s": samples_s,
             "epoch": self.epoch + self.step_in_epoch / self.batches.steps_per_epoch,
         }
+        # Batches may report on themselves (padding, say): averaged over ranks like the loss.
+        extra = getattr(self.batches, "window_metrics", None)
+        for key, value in (extra() if extra else {}).items():
+            metrics[key] = dist.mean(torch.tensor(float(value), device=self.info.device)).item()
         self.logger.log(metrics, self.global_step)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_s:.0f}")
