@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,7 +84,7 @@ def learning_curves(metrics_path: Path, out: Path, metric: Metric) -> Path:
     return out
 
 
-def confusion_matrix(confusion: torch.Tensor, out: Path, title: str = "") -> Path:
+def confusion_matrix(confusion: torch.Tensor, out: Path, title: str = "", names: list[str] | None = None) -> Path:
     """Counts of [true label, predicted label] over the test set, with per-class accuracy on the rows."""
     plt = pyplot()
     counts = confusion.cpu()
@@ -97,13 +98,37 @@ def confusion_matrix(confusion: torch.Tensor, out: Path, title: str = "") -> Pat
                 ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7,
                         color="white" if t == p else "black")  # fmt: skip
     acc = counts.diagonal().double() / counts.sum(dim=1).clamp(min=1)
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n), [f"{t} ({acc[t]:.3f})" for t in range(n)])
+    names = names or [str(t) for t in range(n)]
+    ax.set_xticks(range(n), names, rotation=90 if max(map(len, names)) > 3 else 0)
+    ax.set_yticks(range(n), [f"{names[t]} ({acc[t]:.3f})" for t in range(n)])
     total = counts.diagonal().sum().item() / max(1, counts.sum().item())
     ax.set(xlabel="predicted", ylabel="true (class accuracy)", title=title or f"confusion matrix, accuracy {total:.4f}")
     fig.colorbar(im, ax=ax, label="log10(count + 1)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def sequence_examples(split: Any, predictions: torch.Tensor, names: list[str], out: Path, n: int = 8) -> Path:
+    """A few test sequences as feature-by-step images, titled true / predicted; mistakes first."""
+    plt = pyplot()
+    labels = torch.as_tensor(split.labels[:], dtype=torch.long)
+    wrong = (predictions != labels).nonzero().flatten()[: n // 2]
+    right = (predictions == labels).nonzero().flatten()[: n - len(wrong)]
+    chosen = torch.cat([wrong, right]).tolist()
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 1.3 * len(chosen)), squeeze=False)
+    for ax, i in zip(axes[:, 0], chosen, strict=True):
+        seq = split.sequence(i)
+        ax.imshow(seq.T, aspect="auto", cmap="viridis", interpolation="nearest")
+        ok = predictions[i] == labels[i]
+        ax.set_title(f"#{i}: true {names[labels[i]]}, predicted {names[predictions[i]]}", fontsize=8,
+                     color="black" if ok else "red")  # fmt: skip
+        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("step (rows: features)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
 

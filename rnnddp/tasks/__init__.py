@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from rnnddp.tasks.base import Splits, Task
 from rnnddp.tasks.classify import Classify
+from rnnddp.tasks.sequence_classification import SequenceClassification
 from rnnddp.tasks.sine_regression import SineRegression
 
 TASKS: dict[str, type[Task]] = {
     "classify": Classify,
     "sine_regression": SineRegression,
+    "sequence_classification": SequenceClassification,
 }
 
 __all__ = ["TASKS", "Splits", "Task"]
