@@ -52,9 +52,13 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(hidden_size * self.directions, num_classes)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``lengths`` (a CPU int tensor, one per sequence): ``x`` is padded after each sequence's
-        end, and the stack runs packed, so each direction starts and ends at the sequence's own
-        steps (the backward one at its last real step): padding changes nothing."""
+        """``lengths`` (a CPU int tensor, one per sequence): ``x`` is padded after each sequence's end,
+        and padding changes nothing. A one-way stack runs padded and is read at each sequence's last
+        real step (what comes after cannot reach back); a bidirectional one runs packed, so that its
+        backward direction starts at that step. Padded is the faster on CPUs (docs/performance.md)."""
+        if lengths is not None and self.directions == 1:
+            out, _ = self.rnn(x)
+            return self.head(out[torch.arange(out.shape[0], device=out.device), lengths.to(out.device) - 1])
         if lengths is not None:
             x = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         _, state = self.rnn(x)

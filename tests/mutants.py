@@ -274,6 +274,14 @@ MUTANTS = [
         "if false; then",
         ("tests/e2e/test_slurm_two_nodes.py::test_a_lost_node_is_requeued_and_the_job_finishes",),
     ),
+    Mutant(
+        "memory_mapped",
+        "a prepared split is memory-mapped: a data set larger than the job's memory trains",
+        "rnnddp/data/sequences.py",
+        '                return np.load(f, mmap_mode="r")',
+        "                return np.load(f)",
+        ("tests/e2e/test_larger_than_memory.py",),
+    ),
 ]
 
 

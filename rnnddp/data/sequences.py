@@ -147,6 +147,18 @@ def length_stats(split: SplitArrays) -> dict[str, float]:
     }
 
 
+def feature_stats(features: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation per feature over all rows, in chunks (a mapped split may not fit in memory)."""
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for start in range(0, len(features), chunk):
+        part = np.asarray(features[start : start + chunk], dtype=np.float64)
+        total += part.sum(axis=0)
+        squares += (part * part).sum(axis=0)
+    mean = total / len(features)
+    return mean, np.sqrt(np.maximum(squares / len(features) - mean * mean, 0.0))
+
+
 def write_prepared(out: Path, splits: dict[str, SplitArrays], class_names: list[str], source: dict[str, Any]) -> Path:
     """Write a prepared folder atomically: into a temporary folder beside ``out``, renamed when complete.
 
@@ -159,15 +171,14 @@ def write_prepared(out: Path, splits: dict[str, SplitArrays], class_names: list[
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     train = splits["train"]
-    feats = train.features.astype(np.float64)
-    std = feats.std(axis=0)
+    mean, std = feature_stats(train.features)
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "features": int(train.features.shape[1]),
         "target": "per_step" if train.targets is not None else "label",
         "classes": list(class_names),
-        "mean": [round(float(v), 7) for v in feats.mean(axis=0)],
+        "mean": [round(float(v), 7) for v in mean],
         "std": [round(float(v), 7) if v > 0 else 1.0 for v in std],  # a constant feature: leave it as it is
         "splits": {name: length_stats(s) for name, s in splits.items()},
         "source": source,

@@ -103,10 +103,14 @@ def test_chrono_init_biases():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_a_padded_batch_gives_each_sequence_what_it_gives_alone(cell: str) -> None:
-    """Bidirectional and two layers deep: packed, the backward direction starts at each sequence's last real step."""
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_a_padded_batch_gives_each_sequence_what_it_gives_alone(cell: str, bidirectional: bool) -> None:
+    """Two layers deep; bidirectional (packed: the backward direction starts at each sequence's last
+    real step) or one-way (padded, read at that step)."""
     torch.manual_seed(0)
-    model = SequenceClassifier(cell=cell, input_size=3, hidden_size=8, num_layers=2, bidirectional=True, num_classes=4)
+    model = SequenceClassifier(
+        cell=cell, input_size=3, hidden_size=8, num_layers=2, bidirectional=bidirectional, num_classes=4
+    )
     model.eval()
     lengths = torch.tensor([5, 9, 2, 7])
     seqs = [torch.randn(int(n), 3) for n in lengths]
