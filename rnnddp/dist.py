@@ -97,9 +97,18 @@ def lost_peer(error: BaseException) -> bool:
     if isinstance(error, dist.DistError):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")
-    )
+    return isinstance(error, RuntimeError) and any(marker in text for marker in LOST_PEER_MARKERS)
+
+
+# What gloo's errors say when a peer is gone (seen with a killed host and a cut link); some arrive
+# as a plain RuntimeError, not a DistError.
+LOST_PEER_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out waiting",
+    "Application timeout caused pair closure",
+    "No route to host",
+)
 
 
 def stop_with_launcher(launcher_pid: int, stop_signals: list[str]) -> None:

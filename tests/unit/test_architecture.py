@@ -185,3 +185,21 @@ def test_every_mutant_still_applies_once() -> None:
 
     moved = [m.name for m in MUTANTS if (REPO / m.file).read_text().count(m.old) != 1]
     assert not moved, f"mutants whose text is not found exactly once: {moved}"
+
+
+def test_gloo_errors_of_a_lost_peer_are_recognised() -> None:
+    """The messages gloo gave in the host tests (a killed host, a cut link) mean a lost peer; others do not."""
+    import torch.distributed as tdist
+
+    from rnnddp.dist import lost_peer
+
+    seen = [
+        "[../gloo/transport/tcp/pair.cc:545] Read error [10.231.56.2]:33420: Connection reset by peer.",
+        "Connection closed by peer [127.0.0.1]:16814",
+        "[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation to complete",
+        "Application timeout caused pair closure",
+    ]
+    assert all(lost_peer(RuntimeError(m)) for m in seen)
+    assert lost_peer(tdist.DistBackendError("anything"))
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not lost_peer(ValueError("Connection reset by peer"))
