@@ -47,9 +47,10 @@ def setup(backend: str = "auto", timeout_s: int = 1800, peer_timeout_s: int = 60
 
     Two timeouts: a collective that every rank enters at once (the gradient exchange, the stop
     vote, the loss average) fails after ``peer_timeout_s``: a rank that has not answered by then
-    is taken as lost (its host died or its link is down). Waiting while rank 0 alone works
-    (validation, a checkpoint save, the final test, a data download) happens in ``wait_group``,
-    whose collectives may take ``timeout_s``.
+    is taken as lost (its host died or its link is down), so it must outlast a checkpoint write,
+    which the others wait for in the next step. Waiting while rank 0 alone works for long
+    (validation, the final test, a data download) happens in ``wait_group``, whose collectives
+    may take ``timeout_s``.
     """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

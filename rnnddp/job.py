@@ -22,7 +22,7 @@ from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import to_dict, to_yaml
 from rnnddp.dist import DistInfo
 from rnnddp.errors import EXIT_STOPPED, UserError, require_writable
-from rnnddp.metrics import MetricsLogger, new_run_id
+from rnnddp.metrics import MetricsLogger, event_line, new_run_id
 from rnnddp.models import initial_model, place
 from rnnddp.plots import write_plots
 from rnnddp.preemption import StopRequest
@@ -229,9 +229,8 @@ def run(cfg: Any, info: DistInfo) -> int:
 def _note_lost_peer(run_dir: Path, step: int, rank: int) -> None:
     """Append a ``lost_peer`` event to metrics.jsonl (one short write in append mode: whole lines
     from several ranks at once)."""
-    record = {"step": step, "time": round(time.time(), 3), "event": "lost_peer", "rank": rank}
     with contextlib.suppress(OSError), (run_dir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(event_line("lost_peer", step, rank=rank))
 
 
 def _tested(run_dir: Path, step: int) -> bool:

@@ -207,7 +207,7 @@ class MetricsLogger:
     def event(self, name: str, step: int, **fields: Any) -> None:
         """A non-metric record in metrics.jsonl (resume, stop), so step counts can be audited."""
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), "event": name, **fields}) + "\n")
+            self._jsonl.write(event_line(name, step, **fields))
 
     def summary(self, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -225,6 +225,11 @@ class MetricsLogger:
             self._jsonl = None
         self._drain([lambda run: run.finish()])  # waits for a start still under way
         self._wandb_run = None
+
+
+def event_line(name: str, step: int, **fields: Any) -> str:
+    """One metrics.jsonl event record, newline included."""
+    return json.dumps({"step": step, "time": round(time.time(), 3), "event": name, **fields}) + "\n"
 
 
 def _kept_records(path: Path, size: int) -> list[dict[str, Any]]:

@@ -27,6 +27,17 @@ from rnnddp.train.trainer import Batches
 Picture = Callable[[Path], Path]  # draws one picture into the given file
 
 
+def per_class_report(result: dict[str, Any], names: list[str], unit: str) -> list[str]:
+    """evaluate's lines for a classification result with ``detail``: overall, then each class by name."""
+    confusion = result["confusion"]
+    totals = confusion.sum(dim=1)
+    per_class = (confusion.diagonal().double() / totals.clamp(min=1)).tolist()
+    lines = [f"test loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  ({result['samples']} {unit})"]
+    lines.append("per-class accuracy:")
+    lines += [f"  {name}: {acc:.4f}  ({int(n)} {unit})" for name, acc, n in zip(names, per_class, totals, strict=True)]
+    return lines
+
+
 @dataclass
 class Splits:
     train: Split

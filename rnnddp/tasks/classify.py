@@ -23,7 +23,7 @@ from rnnddp.data.views import IMAGE_VIEWS, VIEWS, ImageView, make_permutation
 from rnnddp.errors import UserError
 from rnnddp.metrics import Metric
 from rnnddp.models import classifier_args
-from rnnddp.tasks.base import Picture, Splits, Task
+from rnnddp.tasks.base import Picture, Splits, Task, per_class_report
 
 VAL_SEED = 20_260_601  # the validation draw: fixed, so every run of a data set validates on the same images
 
@@ -190,15 +190,7 @@ class Classify(Task):
         return f"{net}, view {self.cfg.data.view}, data set {self.cfg.data.dataset}"
 
     def report(self, result: dict[str, Any], split: Split) -> list[str]:
-        confusion = result["confusion"]
-        totals = confusion.sum(dim=1)
-        per_class = (confusion.diagonal().double() / totals.clamp(min=1)).tolist()
-        lines = [f"test loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  ({result['samples']} images)"]
-        lines.append("per-class accuracy:")
-        lines += [
-            f"  {c}: {acc:.4f}  ({int(n)} images)" for c, (acc, n) in enumerate(zip(per_class, totals, strict=True))
-        ]
-        return lines
+        return per_class_report(result, [str(c) for c in range(len(result["confusion"]))], "images")
 
     def predict_view(self) -> ImageView:
         return self.view

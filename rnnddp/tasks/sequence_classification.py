@@ -24,7 +24,7 @@ from rnnddp.data.sequences import SequenceBatches, SplitArrays, open_prepared, p
 from rnnddp.errors import UserError
 from rnnddp.metrics import Metric
 from rnnddp.models import classifier_args
-from rnnddp.tasks.base import Picture, Splits, Task
+from rnnddp.tasks.base import Picture, Splits, Task, per_class_report
 
 
 @dataclass
@@ -162,11 +162,4 @@ class SequenceClassification(Task):
         return f"{net}, sequences {self.cfg.sequences.path}"
 
     def report(self, result: dict[str, Any], split: SplitArrays) -> list[str]:
-        confusion = result["confusion"]
-        totals = confusion.sum(dim=1)
-        per_class = (confusion.diagonal().double() / totals.clamp(min=1)).tolist()
-        lines = [f"test loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  ({result['samples']} sequences)"]
-        lines.append("per-class accuracy:")
-        for name, acc, n in zip(self.data.class_names, per_class, totals.tolist(), strict=True):
-            lines.append(f"  {name}: {acc:.4f}  ({int(n)} sequences)")
-        return lines
+        return per_class_report(result, self.data.class_names, "sequences")

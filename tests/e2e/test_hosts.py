@@ -8,18 +8,9 @@ import time
 from pathlib import Path
 
 from tests.conftest import effective_train_steps, final_eval, latest_state, read_metrics, run_job
+from tests.e2e.test_multinode import ARGS  # 4 ranks vs 1 process, global batch 64 either way
 from tests.hosts import Host, read, start_hosts, two_hosts, wait_all
 
-# The same optimisation on 4 ranks (2 hosts x 2) and on 1 process: global batch 64 either way.
-ARGS = [
-    "model.hidden_size=32",
-    "train.global_batch_size=64",
-    "train.max_steps=20",
-    "optim.lr=0.01",
-    "sched.name=cosine",
-    "wandb.mode=disabled",
-    "eval.batch_size=2000",
-]
 # A run that is still training when a host goes: W&B on (offline), as a user without a key has it.
 LONG = [
     "model.hidden_size=32",

@@ -10,7 +10,7 @@ import torch
 
 from rnnddp.models import build_model
 from tests.conftest import REPO, free_port, job_env, latest_state, run_job
-from tests.hosts import torchrun_cmd
+from tests.hosts import torchrun_cmd, wait_all
 
 # The same optimisation on 4 ranks (2 nodes x 2) and on 1 process: global batch 64 either way.
 ARGS = [
@@ -34,18 +34,7 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path: Path, mnist_root: Pat
     for log in logs:
         with log.open("w") as out:  # a file, not a pipe: one node's full pipe cannot stall the other
             nodes.append(subprocess.Popen(cmd, env=job_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
-    try:
-        for node in nodes:
-            node.wait(timeout=300)
-    finally:
-        for node in nodes:  # on a timeout: SIGTERM lets torchrun take its workers down with it
-            if node.poll() is None:
-                node.terminate()
-                try:
-                    node.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    node.kill()
-                    node.wait()
+    wait_all(nodes, timeout=300)  # on a timeout: SIGTERM lets torchrun take its workers down with it
     for node, log in zip(nodes, logs, strict=True):
         assert node.returncode == 0, log.read_text()[-3000:]
 

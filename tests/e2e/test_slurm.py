@@ -163,6 +163,13 @@ class Job:
     def info(self) -> dict[str, str]:
         return _job_info(self.env, self.id, self.wrap)
 
+    def wait_for_wandb(self, timeout: float = 60) -> None:
+        """A preemption comes long after W&B is up (it starts in the background): wait for that too."""
+        deadline = time.time() + timeout
+        while "INFO wandb: offline run" not in self.output():
+            assert time.time() < deadline, f"W&B did not start\n{self.output()[-3000:]}"
+            time.sleep(0.1)
+
     def signal(self, name: str) -> None:
         """What --signal=B:<name>@lead does before the time limit, sent now, to the batch script."""
         cmd = self.wrap(["scancel", f"--signal={name}", "--batch", self.id])
@@ -226,11 +233,7 @@ def test_usr1_checkpoints_requeues_and_the_second_run_resumes_exactly(
 ) -> None:
     job = Job(slurm_env, tmp_path, mnist_root, ARGS)
     job.wait_for_step(30)
-    # A preemption comes long after W&B is up (it starts in the background): wait for that too.
-    deadline = time.time() + 60
-    while "INFO wandb: offline run" not in job.output():
-        assert time.time() < deadline, f"W&B did not start\n{job.output()[-3000:]}"
-        time.sleep(0.1)
+    job.wait_for_wandb()
     # What --signal=B:USR1@lead does before the time limit, sent now.
     job.signal("USR1")
     final = job.wait()

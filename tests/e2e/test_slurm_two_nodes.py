@@ -68,10 +68,7 @@ def _same_parameters(job: Job, reference: Job) -> None:
 def test_usr1_on_two_nodes_requeues_and_resumes_exactly(cluster: Cluster, tmp_path: Path, mnist_root, reference):
     job = _submit(cluster, tmp_path, mnist_root)
     job.wait_for_step(30)
-    deadline = time.time() + 60
-    while "INFO wandb: offline run" not in job.output():  # preemption comes after W&B is up
-        assert time.time() < deadline, f"W&B did not start\n{job.output()[-3000:]}"
-        time.sleep(0.1)
+    job.wait_for_wandb()
     job.signal("USR1")
     final = job.wait()
     out = job.output()
