@@ -46,7 +46,7 @@ def timed(batches: SequenceBatches, model: SequenceClassifier, steps: int, packe
     for i in range(steps + 2):
         if i == 2:
             start, real, padded = time.perf_counter(), 0, 0
-        x, lengths, y = next(it)
+        x, lengths, y, _ = next(it)
         if packed:
             packed_x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
             _, (h_n, _) = model.rnn(packed_x)

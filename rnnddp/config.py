@@ -148,7 +148,8 @@ Config: Any = dataclasses.make_dataclass(
     "Config",
     [
         *(_field(f) for f in dataclasses.fields(JobConfig)),
-        *((t.section, t.Section, field(default_factory=t.Section)) for t in TASKS.values()),
+        # Tasks may share a section (the sequence tasks share "sequences"): one field each.
+        *{t.section: (t.section, t.Section, field(default_factory=t.Section)) for t in TASKS.values()}.values(),
         *(_field(f) for f in dataclasses.fields(TrainingConfig)),
     ],
 )

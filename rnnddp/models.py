@@ -1,4 +1,4 @@
-"""The networks and their registry: recurrent classifiers and regressors, the seed's small CNN.
+"""The networks and their registry: recurrent classifiers, per-step taggers and regressors, the seed's small CNN.
 
 Pure torch: no knowledge of DDP, tasks or logging.
 """
@@ -66,6 +66,54 @@ class SequenceClassifier(nn.Module):
         # h_n: [layers * directions, B, H]; take the top layer's final state per direction.
         last = h_n[-self.directions :].transpose(0, 1).reshape(h_n.shape[1], -1)
         return self.head(last)
+
+
+class SequenceTagger(nn.Module):
+    """[B, T, input_size] and each sequence's length -> an output at every step, [B, T, output_size].
+
+    A class or K values at every step. A one-way stack runs padded (a step's output never sees what
+    comes after it); a bidirectional one runs packed, so that its backward direction starts at each
+    sequence's last real step. Outputs past a sequence's end mean nothing (the loss masks them).
+    """
+
+    def __init__(
+        self,
+        cell: str = "lstm",
+        input_size: int = 1,
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        output_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.args = dict(
+            name="tagger",
+            cell=cell,
+            input_size=input_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            output_size=output_size,
+        )
+        self.rnn = CELLS[cell](
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+            bidirectional=bidirectional,
+        )
+        self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), output_size)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None or not self.rnn.bidirectional:
+            out, _ = self.rnn(x)
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])
+        return self.head(out)
 
 
 class SequenceRegressor(nn.Module):
@@ -164,6 +212,20 @@ def classifier_args(cfg: Any, input_size: int = 28, num_classes: int = 10) -> di
     )
 
 
+def tagger_args(cfg: Any, input_size: int, output_size: int) -> dict:
+    """The constructor arguments of a per-step network (classes or values at every step) with ``cfg.model``'s stack."""
+    return dict(
+        name="tagger",
+        cell=str(cfg.cell),
+        input_size=input_size,
+        hidden_size=int(cfg.hidden_size),
+        num_layers=int(cfg.num_layers),
+        dropout=float(cfg.dropout),
+        bidirectional=bool(cfg.bidirectional),
+        output_size=output_size,
+    )
+
+
 def regressor_args(cfg: Any, input_size: int = 1, output_size: int = 1) -> dict:
     """The constructor arguments of a per-step regressor with ``cfg.model``'s recurrent stack."""
     return dict(
@@ -179,7 +241,7 @@ def regressor_args(cfg: Any, input_size: int = 1, output_size: int = 1) -> dict:
 # The registry of architectures: a checkpoint's model_args["name"] (absent: "rnn") -> class.
 # model.name chooses among the classifiers; a task may build another (the sine task: regressor).
 CLASSIFIERS: dict[str, type[nn.Module]] = {"rnn": SequenceClassifier, "cnn": ConvClassifier}
-ARCHITECTURES: dict[str, type[nn.Module]] = {**CLASSIFIERS, "regressor": SequenceRegressor}
+ARCHITECTURES: dict[str, type[nn.Module]] = {**CLASSIFIERS, "regressor": SequenceRegressor, "tagger": SequenceTagger}
 
 
 def build_model(args: dict) -> nn.Module:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rnnddp.metrics import Metric
@@ -127,6 +128,46 @@ def sequence_examples(split: Any, predictions: torch.Tensor, names: list[str], o
         ax.set_yticks([])
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("step (rows: features)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def step_examples(split: Any, predictions: torch.Tensor, out: Path, names: list[str] | None = None, n: int = 4) -> Path:
+    """A few test sequences with their per-step targets and predictions (the worst first, then the first ones).
+
+    ``predictions``: per step, in the split's flat order: classes [total_steps] (``names`` given) or
+    values [total_steps, K] (the first value drawn).
+    """
+    plt = pyplot()
+    offsets = np.asarray(split.offsets)
+    truth = torch.from_numpy(np.array(split.targets))
+    if names is None:
+        err = ((predictions - truth) ** 2).reshape(len(truth), -1)[:, 0].double()
+    else:
+        err = (predictions != truth).double()
+    per_seq = np.add.reduceat(err.numpy(), offsets[:-1]) / np.diff(offsets)  # every sequence has a step
+    worst = np.argsort(-per_seq, kind="stable")[: n // 2].tolist()
+    chosen = worst + [i for i in range(len(offsets) - 1) if i not in worst][: n - len(worst)]
+    fig, axes = plt.subplots(2 * len(chosen), 1, figsize=(8, 2.2 * len(chosen)), squeeze=False)
+    for k, i in enumerate(chosen):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        top, bottom = axes[2 * k, 0], axes[2 * k + 1, 0]
+        top.imshow(np.asarray(split.features[a:b]).T, aspect="auto", cmap="viridis", interpolation="nearest")
+        top.set_yticks([])
+        score = f"accuracy {1 - per_seq[i]:.3f}" if names is not None else f"mse {per_seq[i]:.4g}"
+        top.set_title(f"#{i}: {b - a} steps, {score}", fontsize=8)
+        t, p = truth[a:b].reshape(b - a, -1)[:, 0].numpy(), predictions[a:b].reshape(b - a, -1)[:, 0].numpy()
+        bottom.step(range(b - a), t, where="mid", color="black", label="true")
+        bottom.step(range(b - a), p, where="mid", color="tab:red", linestyle="--", label="predicted")
+        bottom.set_xlim(-0.5, b - a - 0.5)
+        if names is not None and len(names) <= 12:
+            bottom.set_yticks(range(len(names)), names, fontsize=6)
+        bottom.legend(fontsize=6, loc="upper right")
+        for ax in (top, bottom):
+            ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("step (upper rows: features)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

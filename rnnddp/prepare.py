@@ -4,8 +4,12 @@
     rnnddp-prepare --train a.npz --val b.npz --test c.npz --out data/mine
     python -m rnnddp.prepare --help
 
-Without ``--val`` a stratified validation split (``--val-fraction`` of each class, at least one
-sequence of each class that has two or more) is drawn from train with a fixed seed. Normalisation
+Targets: a class per sequence (``.ts``, or ``.npz`` ``y`` of ``[N]``), or per-step targets
+(``.npz``): a class at every step (integers or strings) or values at every step (floats).
+
+Without ``--val`` a validation split (``--val-fraction`` of train) is drawn with a fixed seed:
+stratified for a class per sequence (at least one sequence of each class that has two or more),
+a plain draw of sequences for per-step targets. Normalisation
 statistics come from the train split alone. The folder is written under a temporary name and
 renamed when complete: a failure or a kill leaves no half-written ``--out``.
 
@@ -47,6 +51,7 @@ def _subset(s: Sequences, idx: list[int]) -> Sequences:
         [s.features[i] for i in idx],
         [s.labels[i] for i in idx] if s.labels else [],
         [s.steps[i] for i in idx] if s.steps else [],
+        s.step_values,
         s.class_names,
     )
 
@@ -65,23 +70,28 @@ def prepare(train: Path, test: Path, out: Path, val: Path | None = None, val_fra
                 f"{s.path}: {s.feature_count} features per step, but the train file {tr.path} has "
                 f"{tr.feature_count}; give splits of the same data set"
             )
-        if s.per_step != tr.per_step:
-            raise UserError(f"{s.path}: per-step labels in one split and one label per sequence in another")
-    if tr.per_step:
-        classes = sorted({int(v) for s in parts.values() for t in s.steps for v in np.unique(t)})
-        names = [str(c) for c in classes]
-        seen = {int(v) for t in tr.steps for v in np.unique(t)}
-        unseen = sorted(set(classes) - seen)
-    else:
-        seen_labels = set(tr.labels)
-        names = tr.class_names or sorted(seen_labels, key=_label_key)
-        unseen = sorted({label for s in parts.values() for label in s.labels} - seen_labels, key=_label_key)
-    if unseen:
-        where = next(s.path for s in parts.values() if s is not tr)
-        raise UserError(
-            f"{where}: class(es) {', '.join(map(str, unseen))} never occur in the train file {tr.path}; "
-            "a model cannot learn them: add examples to train or drop them"
-        )
+        if (s.per_step, s.step_values) != (tr.per_step, tr.step_values):
+            raise UserError(
+                f"{s.path}: its targets are {_kind(s)}, the train file {tr.path} has {_kind(tr)}; "
+                "give every split the same kind of target"
+            )
+        if s.step_values and s.steps[0].shape[1] != tr.steps[0].shape[1]:
+            raise UserError(
+                f"{s.path}: {s.steps[0].shape[1]} values per step, the train file {tr.path} has {tr.steps[0].shape[1]}"
+            )
+    names: list[str] = []
+    if not tr.step_values:
+        train_labels = set(np.unique(np.concatenate(tr.steps))) if tr.per_step else set(tr.labels)
+        names = (tr.class_names if not tr.per_step else []) or sorted(train_labels, key=_label_key)
+        unseen: set[str] = set()
+        for s in parts.values():
+            unseen |= (set(np.unique(np.concatenate(s.steps))) if s.per_step else set(s.labels)) - train_labels
+        if unseen:
+            where = next(s.path for s in parts.values() if s is not tr)
+            raise UserError(
+                f"{where}: class(es) {', '.join(sorted(map(str, unseen), key=_label_key))} never occur in the "
+                f"train file {tr.path}; a model cannot learn them: add examples to train or drop them"
+            )
     if "val" not in parts:
         if tr.per_step:
             rng = np.random.default_rng(VAL_SEED)
@@ -96,16 +106,26 @@ def prepare(train: Path, test: Path, out: Path, val: Path | None = None, val_fra
             )
         parts["val"] = _subset(tr, val_idx)
         parts["train"] = _subset(tr, tr_idx)
-    index = {n: i for i, n in enumerate(names)}
     arrays: dict[str, SplitArrays] = {}
     for name in ("train", "val", "test"):
         s = parts[name]
-        if s.per_step:
-            arrays[name] = pack(s.features, None, [np.array([index[str(int(v))] for v in t]) for t in s.steps])
+        if s.step_values:
+            arrays[name] = pack(s.features, None, s.steps)
+        elif s.per_step:
+            index = np.array(names)
+            order = np.argsort(index)  # names are in _label_key order; searchsorted needs them sorted
+            arrays[name] = pack(s.features, None, [order[np.searchsorted(index, t, sorter=order)] for t in s.steps])
         else:
+            index = {n: i for i, n in enumerate(names)}
             arrays[name] = pack(s.features, np.array([index[label] for label in s.labels], dtype=np.int64), None)
     source = {"train": str(train), "test": str(test), "val": str(val) if val else f"{val_fraction} of train"}
     return write_prepared(out, arrays, names, source)
+
+
+def _kind(s: Sequences) -> str:
+    return (
+        "values at every step" if s.step_values else "a class at every step" if s.per_step else "a class per sequence"
+    )
 
 
 def _label_key(label: str) -> tuple[int, float | str]:
@@ -130,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     m = open_prepared(out).manifest
-    print(f"wrote {out}: {m['features']} features, {len(m['classes'])} classes")
+    what = f"{m['outputs']} value(s) per step" if m["target"] == "per_step_value" else f"{len(m['classes'])} classes"
+    print(f"wrote {out}: {m['features']} features, {what}" + (" per step" if m["target"] == "per_step" else ""))
     for name, st in m["splits"].items():
         print(
             f"  {name:5s} {st['sequences']:6d} sequences, {st['steps']:8d} steps, "

@@ -282,6 +282,41 @@ MUTANTS = [
         "                return np.load(f)",
         ("tests/e2e/test_larger_than_memory.py",),
     ),
+    Mutant(
+        "step_loss_global",
+        "a per-step loss is the mean over the global batch's real steps: the same on 1 or N ranks",
+        "rnnddp/tasks/step_targets.py",
+        "        return total * (self.info.world_size / batch.global_steps)",
+        "        return total / (batch.y != IGNORE).sum()",
+        (
+            "tests/unit/test_step_targets.py::test_the_gradient_of_a_step_is_the_same_on_one_rank_and_split_over_two",
+            "tests/e2e/test_step_targets.py::test_a_mid_epoch_resume_on_another_number_of_ranks_continues_exactly",
+        ),
+    ),
+    Mutant(
+        "step_mask",
+        "the per-step regression loss counts each sequence's real steps only",
+        "rnnddp/tasks/step_targets.py",
+        "        squared = ((out.float() - batch.y) ** 2).sum(dim=2) * real_steps(batch)",
+        "        squared = ((out.float() - batch.y) ** 2).sum(dim=2)",
+        ("tests/unit/test_step_targets.py::test_the_gradient_of_a_step_is_the_same_on_one_rank_and_split_over_two",),
+    ),
+    Mutant(
+        "step_padding_target",
+        "a padding step has no class (cross_entropy's ignore_index)",
+        "rnnddp/data/sequences.py",
+        "np.full(shape, IGNORE, dtype=np.int64)",
+        "np.zeros(shape, dtype=np.int64)",
+        ("tests/unit/test_step_targets.py",),
+    ),
+    Mutant(
+        "tagger_packed",
+        "a bidirectional per-step network runs packed: padding changes no real step's output",
+        "rnnddp/models.py",
+        "        if lengths is None or not self.rnn.bidirectional:",
+        "        if True:",
+        ("tests/unit/test_models.py::test_a_padded_batch_tags_each_step_as_each_sequence_alone",),
+    ),
 ]
 
 

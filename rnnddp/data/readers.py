@@ -1,8 +1,9 @@
 """Readers for users' sequence files: the UEA/UCR archive's ``.ts`` text format and NumPy ``.npz``.
 
 Each reader returns a :class:`Sequences`: one ``[T_i, F]`` float32 array per sequence and its
-target (a class name, or a per-step array). Malformed input is a :class:`UserError` naming the
-file, the line or record, and the fix.
+target: a class name, or a per-step array (a class at every step, or values at every step).
+``read_sequence_file`` reads one sequence for prediction (``.npy`` or ``.csv``). Malformed input
+is a :class:`UserError` naming the file, the line or record, and the fix.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ class Sequences:
     path: Path
     features: list[np.ndarray]  # [T_i, F] float32 each
     labels: list[str] = field(default_factory=list)  # one class name per sequence (sequence targets)
-    steps: list[np.ndarray] = field(default_factory=list)  # one [T_i] int64 array per sequence (per-step targets)
+    # Per-step targets, one array per sequence: class names [T_i] (str), or values [T_i, K] (float32).
+    steps: list[np.ndarray] = field(default_factory=list)
+    step_values: bool = False  # steps hold values (regression), not classes
     class_names: list[str] = field(default_factory=list)  # declared by the file (.ts @classLabel), else empty
 
     @property
@@ -149,8 +152,9 @@ def _is_float(v: str) -> bool:
 
 def read_npz(path: Path) -> Sequences:
     """``x``: ``[N, T, F]`` (or ``[N, T]``: one feature), or an object array of ``[T_i, F]``
-    sequences; ``y``: ``[N]`` labels (numbers or strings), or an object array of ``[T_i]`` per-step
-    labels."""
+    sequences; ``y``: ``[N]`` labels (numbers or strings), or per-step targets (an object array of
+    ``[T_i]`` or ``[T_i, K]`` arrays, or ``[N, T(, K)]``): integers or strings are a class at every
+    step, floats are values at every step."""
     try:
         data = np.load(path, allow_pickle=True)  # object arrays need pickle: the user's own file
         keys = set(data.files)
@@ -186,13 +190,74 @@ def read_npz(path: Path) -> Sequences:
         if np.isnan(s).any():
             raise UserError(f"{path}: record {i}: NaN in the features; fill or drop missing values first")
         out.features.append(np.ascontiguousarray(s, dtype=np.float32))
-    per_step = y.dtype == object and all(np.ndim(t) == 1 for t in y)
-    for i, t in enumerate(y):
-        if per_step:
-            t = np.asarray(t)
-            if len(t) != len(out.features[i]):
-                raise UserError(f"{path}: record {i}: {len(t)} per-step labels for {len(out.features[i])} steps")
-            out.steps.append(t.astype(np.int64))
+    # Per-step targets: an object array of [T_i] or [T_i, K] arrays, or a regular [N, T(, K)] array.
+    per_step = (y.dtype == object and all(np.ndim(t) >= 1 for t in y)) or (y.dtype != object and y.ndim >= 2)
+    if not per_step:
+        out.labels = [str(t.item() if hasattr(t, "item") else t) for t in y]
+        return out
+    steps = [np.asarray(t) for t in y]
+    out.step_values = all(t.dtype.kind == "f" for t in steps)
+    for i, t in enumerate(steps):
+        if len(t) != len(out.features[i]) or t.ndim > 2 or (not out.step_values and t.ndim != 1):
+            raise UserError(
+                f"{path}: record {i}: per-step targets of shape {t.shape} for {len(out.features[i])} steps; "
+                "give [T] labels (integers or strings) or [T] / [T, K] values (floats)"
+            )
+        if out.step_values:
+            t = t.astype(np.float32).reshape(len(t), -1)
+            if t.shape[1] != steps[0].reshape(len(steps[0]), -1).shape[1]:
+                raise UserError(f"{path}: record {i}: {t.shape[1]} values per step, record 0 has a different count")
+            if not np.isfinite(t).all():
+                raise UserError(f"{path}: record {i}: NaN or infinity in the per-step values; fill or drop them")
+        elif t.dtype.kind not in "iubUSO":
+            raise UserError(f"{path}: record {i}: per-step labels of dtype {t.dtype}; give integers or strings")
         else:
-            out.labels.append(str(t.item() if hasattr(t, "item") else t))
+            t = t.astype(str)
+        out.steps.append(t)
     return out
+
+
+def read_sequence_file(path: Path, features: int) -> np.ndarray:
+    """One sequence for prediction: ``.npy`` ``[T, F]`` (``[T]`` for one feature) or ``.csv`` (a row per
+    step, a column per feature; a header row is skipped). float32 ``[T, F]``; raises UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; give a .npy or .csv sequence")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        elif suffix == ".csv":
+            x = _read_csv(path)
+        else:
+            raise UserError(f"{path}: unknown format {suffix!r}; give a .npy ([T, F]) or .csv (a row per step) file")
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{path}: cannot be read ({str(e).splitlines()[0][:100]}); give a .npy or .csv sequence"
+        ) from None
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[0] == 0 or x.dtype.kind not in "fiub":
+        raise UserError(f"{path}: a sequence of shape {x.shape} and dtype {x.dtype}; give numbers as [T >= 1, F]")
+    if x.shape[1] != features:
+        raise UserError(f"{path}: {x.shape[1]} features per step, the model was trained on {features}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise UserError(f"{path}: NaN or infinity in the sequence; fill or drop missing values first")
+    return x
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    rows = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    rows = [r for r in rows if r]
+    if rows and not _is_number_list(rows[0] + ",0"):  # a header
+        rows = rows[1:]
+    values = []
+    for line_no, row in enumerate(rows, 1):
+        try:
+            values.append([float(v) for v in row.split(",")])
+        except ValueError:
+            raise UserError(f"{path}: row {line_no} is not comma-separated numbers: {row[:40]!r}") from None
+    if len({len(v) for v in values}) > 1:
+        raise UserError(f"{path}: rows of different lengths; give one column per feature on every row")
+    return np.array(values, dtype=np.float32)

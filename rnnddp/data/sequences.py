@@ -5,7 +5,8 @@
     DIR/<split>.features.npy           float32 [total_steps, F]: every sequence of the split, end to end
     DIR/<split>.offsets.npy            int64 [N + 1]: sequence i is rows offsets[i]:offsets[i+1]
     DIR/<split>.labels.npy             int64 [N] (one class per sequence) or
-    DIR/<split>.targets.npy            int64 [total_steps] (a class at every step)
+    DIR/<split>.targets.npy            int64 [total_steps] (a class at every step) or
+                                       float32 [total_steps, K] (K values at every step)
 
 The layout is Arrow's list array (one flat values buffer plus offsets), which Megatron's indexed
 data set (``.bin`` + ``.idx``) also uses; each array is a plain ``.npy`` file, whose header
@@ -22,7 +23,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from rnnddp.errors import UserError
 FORMAT = "rnnddp-sequences"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+# The manifest's "target": a class per sequence, a class at every step, values at every step.
+TARGET_KINDS = ("label", "per_step", "per_step_value")
+IGNORE = -100  # the class of a padding step (cross_entropy's ignore_index)
 
 
 @dataclass
@@ -43,7 +47,13 @@ class SplitArrays:
     features: np.ndarray
     offsets: np.ndarray
     labels: np.ndarray | None = None  # [N]
-    targets: np.ndarray | None = None  # [total_steps]
+    targets: np.ndarray | None = None  # [total_steps] classes or [total_steps, K] values
+
+    @property
+    def target_kind(self) -> str:
+        if self.targets is None:
+            return "label"
+        return "per_step_value" if self.targets.dtype.kind == "f" else "per_step"
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -55,32 +65,51 @@ class SplitArrays:
     def sequence(self, i: int) -> np.ndarray:
         return self.features[self.offsets[i] : self.offsets[i + 1]]
 
+    def step_targets(self, i: int) -> np.ndarray:
+        return self.targets[self.offsets[i] : self.offsets[i + 1]]
+
     def to(self, device: Any) -> SplitArrays:
         """Stays where it is (mapped from disk); batches go to the device as they are read."""
         return self
 
 
-def pad_batch(
-    split: SplitArrays, index: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sequences ``index`` padded with zeros to the longest: (x [b, T, F] float32, lengths [b] int64, labels [b]).
+class PaddedBatch(NamedTuple):
+    x: torch.Tensor  # [b, T, F] float32, zeros after each sequence's end
+    lengths: torch.Tensor  # [b] int64, on the CPU (as packing wants them)
+    y: torch.Tensor  # [b] classes, or per step: [b, T] classes (IGNORE after the end) or [b, T, K] values
+    global_steps: int  # real steps in the whole global batch (all ranks): a per-step loss divides by it
+
+
+def pad_batch(split: SplitArrays, index: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None) -> PaddedBatch:
+    """Sequences ``index`` padded with zeros to the longest, with their targets padded alike.
 
     Only these sequences' rows are read from the mapped file.
     """
     lengths = split.lengths[index]
-    x = np.zeros((len(index), int(lengths.max()), split.features.shape[1]), dtype=np.float32)
+    longest = int(lengths.max())
+    x = np.zeros((len(index), longest, split.features.shape[1]), dtype=np.float32)
     for row, i in enumerate(index):
         seq = split.sequence(int(i))
         x[row, : len(seq)] = seq if mean is None else (seq - mean) / std
-    labels = np.asarray(split.labels[index]) if split.labels is not None else np.zeros(len(index), dtype=np.int64)
-    return torch.from_numpy(x), torch.from_numpy(lengths.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
+    if split.targets is None:
+        y = np.asarray(split.labels[index]).astype(np.int64)
+    else:
+        values = split.targets.dtype.kind == "f"
+        shape = (len(index), longest, split.targets.shape[1]) if values else (len(index), longest)
+        y = np.zeros(shape, dtype=np.float32) if values else np.full(shape, IGNORE, dtype=np.int64)
+        for row, i in enumerate(index):
+            t = split.step_targets(int(i))
+            y[row, : len(t)] = t
+    return PaddedBatch(
+        torch.from_numpy(x), torch.from_numpy(lengths.astype(np.int64)), torch.from_numpy(y), int(lengths.sum())
+    )
 
 
 class SequenceBatches:
     """Per-rank training batches of a prepared split: length-bucketed (or random), padded per batch.
 
-    Yields (x on ``device``, lengths on the CPU, as packing wants them, labels on ``device``).
-    ``window_metrics`` reports this rank's padding share since its last call (``train/pad_fraction``).
+    Yields :class:`PaddedBatch` es (x and y on ``device``) whose ``global_steps`` counts the real
+    steps of the whole global batch, the same on every rank. ``window_metrics`` reports this rank's padding share since its last call (``train/pad_fraction``).
     """
 
     def __init__(
@@ -112,13 +141,19 @@ class SequenceBatches:
         n = self.steps_per_epoch * self.global_batch
         return rng.permutation(len(self.lengths))[:n].reshape(self.steps_per_epoch, self.global_batch)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        share = rank_share(self.global_batches(epoch), self.rank, self.world)
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[PaddedBatch]:
+        batches = self.global_batches(epoch)
+        share = rank_share(batches, self.rank, self.world)
         for step in range(start_step, self.steps_per_epoch):
-            x, lengths, y = pad_batch(self.split, share[step], self.mean, self.std)
+            x, lengths, y, _ = pad_batch(self.split, share[step], self.mean, self.std)
             self._real += int(lengths.sum())
             self._padded += x.shape[0] * x.shape[1]
-            yield x.to(self.device, non_blocking=True), lengths, y.to(self.device, non_blocking=True)
+            yield PaddedBatch(
+                x.to(self.device, non_blocking=True),
+                lengths,
+                y.to(self.device, non_blocking=True),
+                int(self.lengths[batches[step]].sum()),
+            )
 
     def window_metrics(self) -> dict[str, float]:
         fraction = 1.0 - self._real / self._padded if self._padded else 0.0
@@ -127,11 +162,15 @@ class SequenceBatches:
 
 
 def pack(features: list[np.ndarray], labels: np.ndarray | None, steps: list[np.ndarray] | None) -> SplitArrays:
-    """Sequences end to end, with their offsets."""
+    """Sequences end to end, with their offsets; ``steps``: per-step classes [T_i] or values [T_i, K]."""
     lengths = np.array([len(f) for f in features], dtype=np.int64)
     offsets = np.zeros(len(features) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    targets = np.concatenate(steps).astype(np.int64) if steps else None
+    targets = None
+    if steps:
+        targets = np.concatenate(steps)
+        values = targets.dtype.kind == "f"
+        targets = targets.astype(np.float32).reshape(len(targets), -1) if values else targets.astype(np.int64)
     return SplitArrays(np.concatenate(features).astype(np.float32), offsets, labels, targets)
 
 
@@ -176,13 +215,16 @@ def write_prepared(out: Path, splits: dict[str, SplitArrays], class_names: list[
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "features": int(train.features.shape[1]),
-        "target": "per_step" if train.targets is not None else "label",
+        "target": train.target_kind,
         "classes": list(class_names),
         "mean": [round(float(v), 7) for v in mean],
         "std": [round(float(v), 7) if v > 0 else 1.0 for v in std],  # a constant feature: leave it as it is
         "splits": {name: length_stats(s) for name, s in splits.items()},
         "source": source,
     }
+    if train.target_kind == "per_step_value":  # for scale: the error of always predicting the train mean
+        t_mean, t_std = feature_stats(train.targets)
+        manifest.update(outputs=int(train.targets.shape[1]), target_mean=t_mean.tolist(), target_std=t_std.tolist())
     try:
         tmp.mkdir()
         for name, s in splits.items():
@@ -217,8 +259,12 @@ class Prepared:
         return list(self.manifest["classes"])
 
     @property
+    def target_kind(self) -> str:
+        return str(self.manifest["target"])
+
+    @property
     def per_step(self) -> bool:
-        return self.manifest["target"] == "per_step"
+        return self.target_kind != "label"
 
     def split(self, name: str) -> SplitArrays | None:
         """A split memory-mapped (None when the folder has none of that name)."""
@@ -253,7 +299,7 @@ def open_prepared(path: Path) -> Prepared:
         raise UserError(f"{manifest_path} is not valid JSON; prepare the folder again with rnnddp-prepare") from None
     if manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path} is not an rnnddp sequence manifest; prepare the folder with rnnddp-prepare")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") != FORMAT_VERSION or manifest.get("target") not in TARGET_KINDS:
         raise UserError(
             f"{manifest_path} has format version {manifest.get('version')}, this rnnddp reads version "
             f"{FORMAT_VERSION}; prepare the folder again with this rnnddp-prepare"

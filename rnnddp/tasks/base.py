@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from rnnddp.data.batches import Split, Transform
+from rnnddp.data.batches import Split
 from rnnddp.dist import DistInfo
 from rnnddp.errors import UserError
 from rnnddp.metrics import Metric
@@ -129,6 +129,12 @@ class Task:
         name = self.metric.name
         return [f"test loss {result['loss']:.4f}  {name} {result[name]:.4f}  ({int(result['samples'])} samples)"]
 
-    def predict_view(self) -> Transform | None:
-        """For ``rnnddp-predict``: how a 28x28 uint8 image becomes the model's input; None: not an image task."""
-        return None
+    def predict(self, module: nn.Module, files: list[str], path: Path) -> list[str]:
+        """``rnnddp-predict``'s printed lines for ``files`` (read and checked before any is predicted).
+
+        ``module`` is the restored network in eval mode; ``path`` its checkpoint, for messages.
+        """
+        raise UserError(
+            f"{path} is a task={self.name} model; rnnddp-predict takes digit images (task=classify) "
+            "or sequences (the sequence tasks)"
+        )

@@ -18,6 +18,7 @@ from torch import nn
 
 from rnnddp import dist, plots
 from rnnddp.data.batches import Split, TrainBatches, eval_batches, hold_out
+from rnnddp.data.images import load_image
 from rnnddp.data.mnist import DATASETS, load_dataset, locate_dataset
 from rnnddp.data.views import IMAGE_VIEWS, VIEWS, ImageView, make_permutation
 from rnnddp.errors import UserError
@@ -192,5 +193,10 @@ class Classify(Task):
     def report(self, result: dict[str, Any], split: Split) -> list[str]:
         return per_class_report(result, [str(c) for c in range(len(result["confusion"]))], "images")
 
-    def predict_view(self) -> ImageView:
-        return self.view
+    @torch.no_grad()
+    def predict(self, module: nn.Module, files: list[str], path: Path) -> list[str]:
+        """``file  label  probability`` per image, through the checkpoint's view (and permutation)."""
+        pixels = torch.stack([load_image(f) for f in files])
+        probs = torch.softmax(module(self.view(pixels)).float(), dim=1)
+        conf, labels = probs.max(dim=1)
+        return [f"{f}\t{int(y)}\t{float(c):.4f}" for f, y, c in zip(files, labels, conf, strict=True)]

@@ -12,9 +12,9 @@ from PIL import Image, ImageOps
 
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import load_config, to_dict
+from rnnddp.data.images import load_image
 from rnnddp.data.mnist import load_dataset, locate_dataset
 from rnnddp.models import build_model, classifier_args
-from rnnddp.predict import load_image
 from tests.conftest import REPO, final_eval, job_env, read_metrics, run_job
 from tests.idx_files import write_idx
 

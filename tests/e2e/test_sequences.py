@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from rnnddp.data.readers import read_ts
 from tests.conftest import REPO, final_eval, job_env, read_metrics, run_job
 from tests.unit.test_prepare import vowels  # noqa: F401  (the fixture: the real files, or a skip)
 
@@ -38,6 +40,22 @@ def test_japanese_vowels_trains_on_two_ranks_and_evaluates_with_class_names(vowe
     )  # fmt: skip
     assert ev.returncode == 0, ev.stderr
     assert f"accuracy {test:.4f}" in ev.stdout and "  9: " in ev.stdout and "(370 sequences)" in ev.stdout, ev.stdout
+    # rnnddp-predict on raw test sequences from the .ts file, as .csv and .npy: mostly the true speaker.
+    raw = read_ts(vowels / "JapaneseVowels_TEST.ts")
+    files = []
+    for i in range(0, 370, 37):
+        files.append(tmp_path / f"seq{i}.csv")
+        files[-1].write_text("\n".join(",".join(f"{v:.9g}" for v in row) for row in raw.features[i]) + "\n")
+    np.save(tmp_path / "seq5.npy", raw.features[5])
+    pred = subprocess.run(
+        [sys.executable, "-m", "rnnddp.predict", str(run), *map(str, files), str(tmp_path / "seq5.npy")],
+        env=job_env(), cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert pred.returncode == 0, pred.stderr
+    rows = [line.split("\t") for line in pred.stdout.strip().splitlines()]
+    truth = [raw.labels[i] for i in range(0, 370, 37)] + [raw.labels[5]]
+    assert [r[0] for r in rows] == [*map(str, files), str(tmp_path / "seq5.npy")]
+    assert sum(r[1] == t for r, t in zip(rows, truth, strict=True)) >= 9 and all(0 < float(r[2]) <= 1 for r in rows)
 
 
 def test_a_folder_that_is_not_prepared_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def test_predict_refuses_a_sine_checkpoint_in_one_line(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'run' / 'checkpoints' / 'step_0000000.pt'} is a task=sine_regression model; "
-        "predict classifies digit images only"
+        "rnnddp-predict takes digit images (task=classify) or sequences (the sequence tasks)"
     ]
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rnnddp.models import CELLS, SequenceClassifier, build_model, chrono_init_
+from rnnddp.models import CELLS, SequenceClassifier, SequenceTagger, build_model, chrono_init_
 from rnnddp.train.optim import lr_factor
 
 
@@ -119,3 +119,21 @@ def test_a_padded_batch_gives_each_sequence_what_it_gives_alone(cell: str, bidir
     alone = torch.cat([model(s[None]) for s in seqs])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(model(padded)[0], alone[0], atol=1e-3)  # unpacked, the padding would leak in
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_a_padded_batch_tags_each_step_as_each_sequence_alone(bidirectional: bool) -> None:
+    """The per-step network, two layers: every real step's output is the sequence's own, padding aside."""
+    torch.manual_seed(0)
+    model = SequenceTagger(cell="lstm", input_size=3, hidden_size=8, num_layers=2, bidirectional=bidirectional,
+                           output_size=4)  # fmt: skip
+    model.eval()
+    lengths = torch.tensor([5, 9, 2, 7])
+    seqs = [torch.randn(int(n), 3) for n in lengths]
+    padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=7.0)
+    together = model(padded, lengths)
+    assert together.shape == (4, 9, 4)
+    for row, s in enumerate(seqs):
+        torch.testing.assert_close(together[row, : len(s)], model(s[None])[0], rtol=1e-5, atol=1e-6)
+    if bidirectional:  # unpacked, the backward direction would start in the padding
+        assert not torch.allclose(model(padded)[0, :5], together[0, :5], atol=1e-3)
