@@ -5,7 +5,7 @@
     python -m tests.mutants --list
 
 Each mutant is one textual change to one file. It is applied to a scratch copy of the repository
-(the package, tests, configs and entry point), and only the tests named for it run there, against
+(the package, tests, bench, configs and entry point), and only the tests named for it run there, against
 that copy. "killed" means they failed, as they must; "SURVIVED" means the claim is not guarded.
 Exit status 1 if any mutant survives. The table is in docs/testing.md.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COPIED = ("rnnddp", "tests", "configs", "slurm", "train_ddp.py", "pyproject.toml")
+COPIED = ("rnnddp", "tests", "bench", "configs", "slurm", "train_ddp.py", "pyproject.toml")
 DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -316,6 +316,14 @@ MUTANTS = [
         "        if lengths is None or not self.rnn.bidirectional:",
         "        if True:",
         ("tests/unit/test_models.py::test_a_padded_batch_tags_each_step_as_each_sequence_alone",),
+    ),
+    Mutant(
+        "row_major",
+        "a prepared split is stored row-major: each sequence is one contiguous range of its file",
+        "rnnddp/data/sequences.py",
+        "np.ascontiguousarray(np.concatenate(features), dtype=np.float32)",
+        "np.concatenate(features).astype(np.float32)",
+        ("tests/unit/test_prepare.py::test_japanese_vowels_prepares_with_a_stratified_validation_split",),
     ),
 ]
 

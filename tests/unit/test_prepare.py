@@ -44,6 +44,7 @@ def test_japanese_vowels_prepares_with_a_stratified_validation_split(vowels: Pat
     assert len(train) + len(val) == 270
     assert np.bincount(val.labels).tolist() == [6] * 9  # 20% of each speaker's 30
     assert isinstance(train.features, np.memmap)  # mapped, not read
+    assert test.features.flags.c_contiguous  # row-major: a sequence is one range of the file, one read call
     # Statistics from the train split alone (validation carved out first), per feature.
     np.testing.assert_allclose(m["mean"], train.features.mean(axis=0), rtol=1e-5, atol=1e-6)
     assert not np.allclose(m["mean"], np.concatenate([train.features, val.features]).mean(axis=0), atol=1e-6)
@@ -51,6 +52,7 @@ def test_japanese_vowels_prepares_with_a_stratified_validation_split(vowels: Pat
     raw = read_ts(test_ts)
     for i in (0, 123, 369):
         np.testing.assert_array_equal(test.sequence(i), raw.features[i])
+        np.testing.assert_array_equal(test.read_sequence(i), raw.features[i])  # the batches' read call
         assert data.class_names[test.labels[i]] == raw.labels[i]
     # The same draw every time.
     again = tmp_path / "jv2"
