@@ -13,6 +13,20 @@ from torch import nn
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
+def recurrent_stack(
+    cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool
+) -> nn.RNNBase:
+    """The batch-first recurrent stack of the classifier and the tagger (dropout between layers only)."""
+    return CELLS[cell](
+        input_size,
+        hidden_size,
+        num_layers=num_layers,
+        batch_first=True,
+        dropout=dropout if num_layers > 1 else 0.0,
+        bidirectional=bidirectional,
+    )
+
+
 class SequenceClassifier(nn.Module):
     """[B, T, input_size] -> recurrent stack -> Linear on the last step's hidden state -> logits.
 
@@ -40,14 +54,7 @@ class SequenceClassifier(nn.Module):
             bidirectional=bidirectional,
             num_classes=num_classes,
         )
-        self.rnn = CELLS[cell](
-            input_size,
-            hidden_size,
-            num_layers=num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-            bidirectional=bidirectional,
-        )
+        self.rnn = recurrent_stack(cell, input_size, hidden_size, num_layers, dropout, bidirectional)
         self.directions = 2 if bidirectional else 1
         self.head = nn.Linear(hidden_size * self.directions, num_classes)
 
@@ -97,14 +104,7 @@ class SequenceTagger(nn.Module):
             bidirectional=bidirectional,
             output_size=output_size,
         )
-        self.rnn = CELLS[cell](
-            input_size,
-            hidden_size,
-            num_layers=num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-            bidirectional=bidirectional,
-        )
+        self.rnn = recurrent_stack(cell, input_size, hidden_size, num_layers, dropout, bidirectional)
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), output_size)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
