@@ -138,13 +138,13 @@ def step_examples(split: Any, predictions: torch.Tensor, out: Path, names: list[
     """A few test sequences with their per-step targets and predictions (the worst first, then the first ones).
 
     ``predictions``: per step, in the split's flat order: classes [total_steps] (``names`` given) or
-    values [total_steps, K] (the first value drawn).
+    values [total_steps, K] (the first value drawn; the titles give the MSE over all K).
     """
     plt = pyplot()
     offsets = np.asarray(split.offsets)
     truth = torch.from_numpy(np.array(split.targets))
     if names is None:
-        err = ((predictions - truth) ** 2).reshape(len(truth), -1)[:, 0].double()
+        err = ((predictions - truth) ** 2).reshape(len(truth), -1).mean(dim=1).double()  # over the K values
     else:
         err = (predictions != truth).double()
     per_seq = np.add.reduceat(err.numpy(), offsets[:-1]) / np.diff(offsets)  # every sequence has a step

@@ -72,6 +72,7 @@ def test_values_at_every_step_train_on_two_ranks_and_predict(folders, tmp_path: 
     args = ["task=step_regression", f"sequences.path={folders['values']}", "train.epochs=8"]
     run_job([*ARGS, *args, f"run_dir={run}", "wandb.mode=offline"], nproc=2)
     mse = final_eval(run, "mse")["test/mse"]
+    assert (run / "plots" / "test_sequences.png").is_file()
     ev = _cli("rnnddp.evaluate", run, "--no-plots")
     assert ev.returncode == 0, ev.stderr
     baseline = float(ev.stdout.split("always predicting the train mean: ")[1].split()[0])
