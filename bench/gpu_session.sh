@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and timing this repo has, in one go (under 5 minutes on an H100; the steps'
-# time limits add up to 11 minutes):
+# time limits add up to 12 minutes):
 #   bash bench/gpu_session.sh DATA_ROOT [OUT_DIR]
 # DATA_ROOT holds MNIST/raw. Writes OUT_DIR/session.log and the benchmarks' JSON files; each
 # step has a time limit, and a failed step does not stop the ones after it.
@@ -31,6 +31,8 @@ step throughput_cuda_graph 90 "$py" -m bench.throughput --root "$root" --hidden 
 step throughput_cuda_graph_fp32 60 "$py" -m bench.throughput --root "$root" --hidden 128 --batch 256 --precision fp32 \
   --steps 300 --skip tutorial,ddp2,time_to_98.5,gpu_epoch,pixel_epoch --set train.cuda_graph=true \
   --out "$out/throughput_cuda_graph_fp32.json"
+# Variable-length batches on cuDNN: bucketed vs random vs fixed length, padded vs packed.
+step sequences 60 "$py" -m bench.sequences --device cuda --steps 50
 step pytest_gpu 170 "$py" -m pytest -q -rs -p no:cacheprovider tests/e2e/test_gpu.py
 step smnist 110 "$py" -m torch.distributed.run --nproc_per_node=1 train_ddp.py --config configs/smnist.yaml \
   "data.root=$root" wandb.mode=disabled run_dir=/tmp/rnnddp_smnist_gpu

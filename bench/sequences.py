@@ -1,6 +1,7 @@
 """Variable-length training speed: real (non-padding) steps per second, bucketed vs random vs fixed length.
 
     python -m bench.sequences [--sequences 2000] [--features 40] [--batch 32] [--steps 30] [--hidden 128]
+                              [--device cpu|cuda]
 
 A synthetic prepared data set with log-normal lengths (20-2,000 steps, 40 features) is trained
 for ``--steps`` optimiser steps by one process in three ways: length-bucketed batches, random
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from rnnddp.data.sequences import SequenceBatches, open_prepared, pack, write_prepared
 from rnnddp.dist import flush_denormals
-from rnnddp.models import SequenceClassifier
+from rnnddp.models import SequenceClassifier, place
 
 
 def synthetic(out: Path, n: int, features: int, fixed: bool, seed: int = 0) -> Path:
@@ -37,6 +38,11 @@ def synthetic(out: Path, n: int, features: int, fixed: bool, seed: int = 0) -> P
     return write_prepared(out, {"train": split, "val": split, "test": split}, [str(c) for c in range(5)], {})
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize()
+
+
 def timed(batches: SequenceBatches, model: SequenceClassifier, steps: int, packed: bool) -> tuple[float, float]:
     """(real steps per second, padding share) over ``steps`` optimiser steps after two warm-up steps."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -45,6 +51,7 @@ def timed(batches: SequenceBatches, model: SequenceClassifier, steps: int, packe
     start = 0.0
     for i in range(steps + 2):
         if i == 2:
+            sync(batches.device)
             start, real, padded = time.perf_counter(), 0, 0
         x, lengths, y, _ = next(it)
         if packed:
@@ -59,6 +66,7 @@ def timed(batches: SequenceBatches, model: SequenceClassifier, steps: int, packe
         opt.step()
         real += int(lengths.sum())
         padded += x.shape[0] * x.shape[1]
+    sync(batches.device)
     took = time.perf_counter() - start
     return real / took, 1 - real / padded
 
@@ -70,7 +78,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuDNN's kernels, padded and packed)")
     a = p.parse_args()
+    device = torch.device(a.device)
     flush_denormals()  # as the job does: fading gradients would otherwise slow some runs, not others
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="rnnddp-bench-seq-") as tmp:
@@ -78,10 +88,10 @@ def main() -> None:
         fix = open_prepared(synthetic(Path(tmp) / "fix", a.sequences, a.features, fixed=True))
 
         def run(data, bucket: bool, packed: bool = False) -> tuple[float, float]:
-            model = SequenceClassifier("lstm", a.features, a.hidden, num_classes=5)
+            model = place(SequenceClassifier("lstm", a.features, a.hidden, num_classes=5), device)
             batches = SequenceBatches(
                 data.split("train"), global_batch_size=a.batch, rank=0, world_size=1, seed=0,
-                device=torch.device("cpu"), bucket=bucket,
+                device=device, bucket=bucket,
             )  # fmt: skip
             return timed(batches, model, a.steps, packed)
 
@@ -93,7 +103,8 @@ def main() -> None:
             "random batches, packed": run(var, bucket=False, packed=True),
         }
     print(
-        f"LSTM-{a.hidden}, {a.features} features, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} thread(s)"
+        f"LSTM-{a.hidden}, {a.features} features, batch {a.batch}, {a.steps} steps, "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} CPU thread(s)'}"
     )
     print("| batches | real steps/s | padding |")
     print("| --- | --- | --- |")
