@@ -190,6 +190,8 @@ def read_npz(path: Path) -> Sequences:
         if np.isnan(s).any():
             raise UserError(f"{path}: record {i}: NaN in the features; fill or drop missing values first")
         out.features.append(np.ascontiguousarray(s, dtype=np.float32))
+    if y.dtype != object and y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]  # a column of labels, [N, 1] (scikit-learn's shape): one per sequence
     # Per-step targets: an object array of [T_i] or [T_i, K] arrays, or a regular [N, T(, K)] array.
     per_step = (y.dtype == object and all(np.ndim(t) >= 1 for t in y)) or (y.dtype != object and y.ndim >= 2)
     if not per_step:
@@ -227,6 +229,8 @@ def read_sequence_file(path: Path, features: int) -> np.ndarray:
     try:
         if suffix == ".npy":
             x = np.load(path, allow_pickle=False)
+            if not isinstance(x, np.ndarray):  # an .npz archive under another name
+                raise UserError(f"{path}: holds several arrays, not one sequence; save it with numpy.save(path, x)")
         elif suffix == ".csv":
             x = _read_csv(path)
         else:
@@ -248,16 +252,20 @@ def read_sequence_file(path: Path, features: int) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    rows = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    rows = [r for r in rows if r]
-    if rows and not _is_number_list(rows[0] + ",0"):  # a header
-        rows = rows[1:]
+    """A header row is one that is not all numbers, or that is the column numbers 0, 1, ... (pandas'
+    ``to_csv`` of an unnamed frame writes those)."""
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # utf-8-sig: a spreadsheet's byte-order mark
+    rows = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if rows:
+        first = [v.strip() for v in rows[0][1].split(",")]
+        if not _is_number_list(rows[0][1] + ",0") or first == [str(i) for i in range(len(first))]:
+            rows = rows[1:]
     values = []
-    for line_no, row in enumerate(rows, 1):
+    for line_no, row in rows:
         try:
             values.append([float(v) for v in row.split(",")])
         except ValueError:
-            raise UserError(f"{path}: row {line_no} is not comma-separated numbers: {row[:40]!r}") from None
+            raise UserError(f"{path}:{line_no}: not comma-separated numbers: {row[:40]!r}") from None
     if len({len(v) for v in values}) > 1:
         raise UserError(f"{path}: rows of different lengths; give one column per feature on every row")
     return np.array(values, dtype=np.float32)

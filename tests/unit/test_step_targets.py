@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rnnddp.config import load_config
-from rnnddp.data.readers import read_sequence_file
+from rnnddp.data.readers import read_sequence_file, read_sequences
 from rnnddp.data.sequences import IGNORE, open_prepared
 from rnnddp.dist import DistInfo
 from rnnddp.errors import UserError
@@ -133,6 +133,12 @@ def test_bad_per_step_files_are_one_line(tmp_path: Path, capsys) -> None:
     )
 
 
+def test_a_column_of_labels_is_one_label_per_sequence(tmp_path: Path) -> None:
+    np.savez(tmp_path / "a.npz", x=np.ones((4, 5, 2)), y=np.array([[0], [1], [0], [1]]))  # [N, 1]
+    s = read_sequences(tmp_path / "a.npz")
+    assert not s.per_step and s.labels == ["0", "1", "0", "1"]
+
+
 def test_sequence_files_for_predict(tmp_path: Path) -> None:
     seq = np.arange(12, dtype=np.float64).reshape(4, 3)
     np.save(tmp_path / "a.npy", seq)
@@ -144,9 +150,18 @@ def test_sequence_files_for_predict(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got, seq)
     with pytest.raises(UserError, match="a.npy: 3 features per step, the model was trained on 12"):
         read_sequence_file(tmp_path / "a.npy", 12)
-    (tmp_path / "d.csv").write_text("1,2,3\n4,x,6\n")
-    with pytest.raises(UserError, match="d.csv: row 2 is not comma-separated numbers"):
+    # pandas' header of an unnamed frame (the column numbers), and a spreadsheet's byte-order mark
+    (tmp_path / "p.csv").write_text("0,1,2\n" + "\n".join(",".join(map(str, r)) for r in seq))
+    (tmp_path / "q.csv").write_text("\ufeff" + "\n".join(",".join(map(str, r)) for r in seq), encoding="utf-8")
+    for name in ("p.csv", "q.csv"):
+        np.testing.assert_array_equal(read_sequence_file(tmp_path / name, 3), seq)
+    (tmp_path / "d.csv").write_text("1,2,3\n\n4,x,6\n")
+    with pytest.raises(UserError, match="d.csv:3: not comma-separated numbers"):
         read_sequence_file(tmp_path / "d.csv", 3)
+    with (tmp_path / "z.npy").open("wb") as f:
+        np.savez(f, x=seq)  # an archive under a .npy name
+    with pytest.raises(UserError, match="holds several arrays, not one sequence"):
+        read_sequence_file(tmp_path / "z.npy", 3)
     (tmp_path / "e.txt").write_text("1,2,3\n")
     with pytest.raises(UserError, match="unknown format '.txt'"):
         read_sequence_file(tmp_path / "e.txt", 3)
