@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnddp.data.readers import Sequences, read_sequences
-from rnnddp.data.sequences import SplitArrays, open_prepared, pack, write_prepared
+from rnnddp.data.sequences import TARGET_KINDS, SplitArrays, open_prepared, pack, write_prepared
 from rnnddp.errors import UserError
 
 VAL_SEED = 20260601  # the same draw every time: one validation split per data set
@@ -70,9 +70,10 @@ def prepare(train: Path, test: Path, out: Path, val: Path | None = None, val_fra
                 f"{s.path}: {s.feature_count} features per step, but the train file {tr.path} has "
                 f"{tr.feature_count}; give splits of the same data set"
             )
-        if (s.per_step, s.step_values) != (tr.per_step, tr.step_values):
+        if s.target_kind != tr.target_kind:
             raise UserError(
-                f"{s.path}: its targets are {_kind(s)}, the train file {tr.path} has {_kind(tr)}; "
+                f"{s.path}: its targets are {TARGET_KINDS[s.target_kind]}, the train file {tr.path} has "
+                f"{TARGET_KINDS[tr.target_kind]}; "
                 "give every split the same kind of target"
             )
         if s.step_values and s.steps[0].shape[1] != tr.steps[0].shape[1]:
@@ -120,12 +121,6 @@ def prepare(train: Path, test: Path, out: Path, val: Path | None = None, val_fra
             arrays[name] = pack(s.features, np.array([index[label] for label in s.labels], dtype=np.int64), None)
     source = {"train": str(train), "test": str(test), "val": str(val) if val else f"{val_fraction} of train"}
     return write_prepared(out, arrays, names, source)
-
-
-def _kind(s: Sequences) -> str:
-    return (
-        "values at every step" if s.step_values else "a class at every step" if s.per_step else "a class per sequence"
-    )
 
 
 def _label_key(label: str) -> tuple[int, float | str]:

@@ -35,6 +35,11 @@ class Sequences:
     def per_step(self) -> bool:
         return bool(self.steps)
 
+    @property
+    def target_kind(self) -> str:
+        """As a prepared folder's manifest names it (rnnddp.data.sequences.TARGET_KINDS)."""
+        return "per_step_value" if self.step_values else "per_step" if self.per_step else "label"
+
 
 def read_sequences(path: Path) -> Sequences:
     """A ``.ts`` or ``.npz`` file, by its suffix."""

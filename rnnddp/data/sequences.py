@@ -35,8 +35,12 @@ from rnnddp.errors import UserError
 FORMAT = "rnnddp-sequences"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-# The manifest's "target": a class per sequence, a class at every step, values at every step.
-TARGET_KINDS = ("label", "per_step", "per_step_value")
+# The manifest's "target" kinds, and what each holds in words (for messages).
+TARGET_KINDS = {
+    "label": "a class per sequence",
+    "per_step": "a class at every step",
+    "per_step_value": "values at every step",
+}
 IGNORE = -100  # the class of a padding step (cross_entropy's ignore_index)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rnnddp.data.readers import read_sequence_file
-from rnnddp.data.sequences import PaddedBatch, SequenceBatches, SplitArrays, open_prepared, pad_batch
+from rnnddp.data.sequences import TARGET_KINDS, PaddedBatch, SequenceBatches, SplitArrays, open_prepared, pad_batch
 from rnnddp.errors import UserError
 from rnnddp.tasks.base import Splits, Task
 
@@ -66,8 +66,8 @@ class PreparedSequences(Task):
         kind = self.data.target_kind
         if kind != self.target_kind:
             raise UserError(
-                f"{cfg.sequences.path} holds {_TARGET_WORDS[kind]}; train it with task={TASK_OF_TARGET[kind]} "
-                f"(task={self.name} needs {_TARGET_WORDS[self.target_kind]})"
+                f"{cfg.sequences.path} holds {TARGET_KINDS[kind]}; train it with task={TASK_OF_TARGET[kind]} "
+                f"(task={self.name} needs {TARGET_KINDS[self.target_kind]})"
             )
         m = self.data.manifest
         norm = cfg.sequences.normalize
@@ -134,10 +134,3 @@ class PreparedSequences(Task):
     def predict_lines(self, file: str, output: torch.Tensor) -> list[str]:
         """The printed lines for one sequence's network output (logits [C], or per step [T, C] / [T, K])."""
         raise NotImplementedError
-
-
-_TARGET_WORDS = {
-    "label": "one class per sequence",
-    "per_step": "a class at every step",
-    "per_step_value": "values at every step",
-}
