@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ def run_job(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_cli(module: str, *args: object, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m module args...`` (rnnddp.evaluate, rnnddp.predict, rnnddp.prepare), output captured."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, env=job_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def worker_exit_codes(output: str) -> list[int]:

@@ -28,6 +28,13 @@ def step_sequences(n: int, seed: int, kind: str) -> tuple[np.ndarray, np.ndarray
     return x, y
 
 
+def write_csv(path: Path, seq: np.ndarray, header: str = "") -> Path:
+    """One sequence as rnnddp-predict reads a .csv: a row per step, a column per feature."""
+    rows = "\n".join(",".join(f"{v:.9g}" for v in row) for row in seq)
+    path.write_text((header + "\n" if header else "") + rows + "\n")
+    return path
+
+
 def write_step_files(folder: Path, kind: str, train: int = 1000, test: int = 300) -> tuple[Path, Path]:
     """``folder/<kind>_train.npz`` and ``<kind>_test.npz``."""
     folder.mkdir(parents=True, exist_ok=True)

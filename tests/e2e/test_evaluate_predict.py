@@ -15,14 +15,8 @@ from rnnddp.config import load_config, to_dict
 from rnnddp.data.images import load_image
 from rnnddp.data.mnist import load_dataset, locate_dataset
 from rnnddp.models import build_model, classifier_args
-from tests.conftest import REPO, final_eval, job_env, read_metrics, run_job
+from tests.conftest import REPO, final_eval, job_env, read_metrics, run_cli, run_job
 from tests.idx_files import write_idx
-
-
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)], env=job_env(), cwd=REPO, capture_output=True, text=True
-    )
 
 
 @pytest.fixture
@@ -40,12 +34,12 @@ def test_non_image_file_is_one_line_naming_it_exit_2(tiny_run: Path, tmp_path: P
     bad.write_text("this is not a picture\n")
     good = tmp_path / "digit.png"
     Image.new("L", (28, 28)).save(good)
-    proc = _cli("rnnddp.predict", tiny_run, good, bad)
+    proc = run_cli("rnnddp.predict", tiny_run, good, bad)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"error: {bad} is not an image (PNG, JPEG or another format Pillow reads)"], proc.stderr
     assert proc.stdout == ""  # nothing printed for the good file either: inputs are checked first
-    missing = _cli("rnnddp.predict", tiny_run, tmp_path / "nope.jpg")
+    missing = run_cli("rnnddp.predict", tiny_run, tmp_path / "nope.jpg")
     assert missing.returncode == 2 and str(tmp_path / "nope.jpg") in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
@@ -53,7 +47,7 @@ def test_non_image_file_is_one_line_naming_it_exit_2(tiny_run: Path, tmp_path: P
 def test_predict_prints_file_label_probability(tiny_run: Path, tmp_path: Path):
     img = tmp_path / "x.png"
     Image.new("L", (40, 60), color=255).save(img)
-    proc = _cli("rnnddp.predict", tiny_run, img)
+    proc = run_cli("rnnddp.predict", tiny_run, img)
     assert proc.returncode == 0, proc.stderr
     path, label, prob = proc.stdout.strip().split("\t")
     assert path == str(img) and 0 <= int(label) <= 9 and 0.0 < float(prob) <= 1.0
@@ -74,7 +68,7 @@ def test_images_are_grayscale_28x28_with_mnist_polarity(tmp_path: Path):
 
 def test_evaluate_cli_bad_input_is_one_line(tmp_path: Path):
     for args in ([tmp_path / "missing.pt"], [tmp_path]):  # no file; a folder without checkpoints
-        proc = _cli("rnnddp.evaluate", *args)
+        proc = run_cli("rnnddp.evaluate", *args)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -99,7 +93,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, mnist_root) -> Path:
 def test_evaluate_reproduces_the_logged_accuracy(real_run: Path, mnist_root):
     logged = final_eval(real_run)["test/accuracy"]
     assert logged > 0.9
-    proc = _cli("rnnddp.evaluate", real_run, f"data.root={mnist_root}")
+    proc = run_cli("rnnddp.evaluate", real_run, f"data.root={mnist_root}")
     assert proc.returncode == 0, proc.stderr
     assert f"accuracy {logged:.4f}  (10000 images)" in proc.stdout, proc.stdout
     per_class = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
@@ -117,7 +111,7 @@ def test_predict_classifies_real_test_digits(real_run: Path, mnist_root, tmp_pat
         ImageOps.invert(img).resize((140, 140)).convert("RGB").save(tmp_path / f"scan{i}.jpg", quality=95)
         files += [tmp_path / f"test{i}.png", tmp_path / f"scan{i}.jpg"]
         labels += [int(test.targets[i])] * 2
-    proc = _cli("rnnddp.predict", real_run / "checkpoints" / "best.pt", *files)
+    proc = run_cli("rnnddp.predict", real_run / "checkpoints" / "best.pt", *files)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
     assert [r[0] for r in rows] == [str(f) for f in files]
@@ -126,7 +120,7 @@ def test_predict_classifies_real_test_digits(real_run: Path, mnist_root, tmp_pat
 
 
 def test_evaluate_refuses_a_view_the_model_cannot_read(tiny_run: Path):
-    proc = _cli("rnnddp.evaluate", tiny_run, "data.view=pixels")
+    proc = run_cli("rnnddp.evaluate", tiny_run, "data.view=pixels")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: checkpoint {tiny_run / 'checkpoints' / 'step_0000000.pt'} expects 28 features per step; "

@@ -4,8 +4,6 @@ number of ranks continues exactly."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +11,9 @@ import pytest
 
 from rnnddp.data.sequences import open_prepared
 from rnnddp.prepare import prepare
-from tests.conftest import REPO, final_eval, job_env, latest_state, read_metrics, run_job
+from tests.conftest import final_eval, latest_state, read_metrics, run_cli, run_job
 from tests.e2e.test_ddp import _params_close
-from tests.sequence_files import step_sequences, write_step_files
+from tests.sequence_files import step_sequences, write_csv, write_step_files
 
 pytestmark = pytest.mark.slow
 # A one-way LSTM: each step's class or values depend on the steps before it (tests/sequence_files.py).
@@ -29,11 +27,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {kind: prepare(*write_step_files(root, kind), root / kind) for kind in ("classes", "values")}
 
 
-def _cli(*args: object) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", *map(str, args)]
-    return subprocess.run(cmd, env=job_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
 def test_a_class_at_every_step_trains_on_two_ranks_evaluates_and_predicts(folders, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["task=step_classification", f"sequences.path={folders['classes']}", "train.epochs=8"]
@@ -44,14 +37,14 @@ def test_a_class_at_every_step_trains_on_two_ranks_evaluates_and_predicts(folder
     pads = [m["train/pad_fraction"] for m in read_metrics(run) if "train/pad_fraction" in m]
     assert pads and max(pads) < 0.1, pads
     assert (run / "plots" / "test_sequences.png").is_file() and (run / "plots" / "confusion_matrix.png").is_file()
-    ev = _cli("rnnddp.evaluate", run, "--no-plots")
+    ev = run_cli("rnnddp.evaluate", run, "--no-plots")
     assert ev.returncode == 0, ev.stderr
     assert f"accuracy {test:.4f}" in ev.stdout and "  high: " in ev.stdout and "steps)" in ev.stdout, ev.stdout
     # The raw features of two test sequences (the job normalises them as in training), as .npy and .csv.
     x, y = step_sequences(300, 1, "classes")
     np.save(tmp_path / "a.npy", x[0])
-    (tmp_path / "b.csv").write_text("f0,f1,f2\n" + "\n".join(",".join(f"{v:.9g}" for v in r) for r in x[1]) + "\n")
-    proc = _cli("rnnddp.predict", run, tmp_path / "a.npy", tmp_path / "b.csv")
+    write_csv(tmp_path / "b.csv", x[1], header="f0,f1,f2")
+    proc = run_cli("rnnddp.predict", run, tmp_path / "a.npy", tmp_path / "b.csv")
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
     assert len(rows) == len(x[0]) + len(x[1])
@@ -63,7 +56,7 @@ def test_a_class_at_every_step_trains_on_two_ranks_evaluates_and_predicts(folder
     truth = [*y[0].tolist(), *y[1].tolist()]
     assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) >= 0.8, (predicted, truth)
     assert all(0 < float(r[3]) <= 1 for r in rows)
-    wrong = _cli("rnnddp.predict", run, tmp_path / "a.npy", folders["values"] / "test.offsets.npy")
+    wrong = run_cli("rnnddp.predict", run, tmp_path / "a.npy", folders["values"] / "test.offsets.npy")
     assert wrong.returncode == 2 and wrong.stdout == "" and len(wrong.stderr.strip().splitlines()) == 1, wrong
 
 
@@ -73,14 +66,14 @@ def test_values_at_every_step_train_on_two_ranks_and_predict(folders, tmp_path: 
     run_job([*ARGS, *args, f"run_dir={run}", "wandb.mode=offline"], nproc=2)
     mse = final_eval(run, "mse")["test/mse"]
     assert (run / "plots" / "test_sequences.png").is_file()
-    ev = _cli("rnnddp.evaluate", run, "--no-plots")
+    ev = run_cli("rnnddp.evaluate", run, "--no-plots")
     assert ev.returncode == 0, ev.stderr
     baseline = float(ev.stdout.split("always predicting the train mean: ")[1].split()[0])
     print(f"step_regression, 8 epochs, 2 ranks: test mse {mse:.4f}, predicting the mean {baseline:.4f}")
     assert mse < 0.1 * baseline
     x, y = step_sequences(300, 1, "values")
     np.save(tmp_path / "a.npy", x[3])
-    proc = _cli("rnnddp.predict", run, tmp_path / "a.npy")
+    proc = run_cli("rnnddp.predict", run, tmp_path / "a.npy")
     assert proc.returncode == 0, proc.stderr
     got = np.array([[float(v) for v in line.split("\t")[2:]] for line in proc.stdout.strip().splitlines()])
     assert got.shape == y[3].shape and np.mean((got - y[3]) ** 2) < 0.2 * baseline
