@@ -54,7 +54,7 @@ class TrainConfig:
     flush_denormals: bool = True  # CPU: denormal floats count as zero (the 784-step views train far faster)
     cuda_graph: bool = False  # CUDA, one process: the whole training step replayed as a CUDA graph
     log_every_steps: int = 50
-    max_nonfinite: int = 3  # stop after this many consecutive non-finite losses (unless a GradScaler skips them)
+    max_nonfinite: int = 3  # stop (exit 3) after this many consecutive non-finite losses (GradScaler or not)
     # Signals that stop the job cleanly: checkpoint at a step boundary (within 10 steps), then exit 75.
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
@@ -104,6 +104,9 @@ class DistConfig:
     timeout_s: int = 1800  # how long the others wait for rank 0's own work (validation, saves, the test)
     peer_timeout_s: int = 60  # a rank that does not answer a training-step collective by then is lost
     grad_sync: str = "auto"  # auto | allreduce | allgather: how DDP averages gradients (see dist.py)
+    # A restart (SLURM requeue, torchrun restart) that finds this many earlier attempts resumed from the same
+    # checkpoint without saving a newer one stops instead (exit 2); 0: no limit
+    max_stalled_restarts: int = 3
 
 
 @dataclass
@@ -113,6 +116,7 @@ class DebugConfig:
     fail_at_step: int = 0
     fail_rank: int = 0
     nonfinite_from_step: int = 0  # > 0: the loss is NaN from this step on (tests divergence handling)
+    stop_at_step: int = 0  # > 0: rank fail_rank sends itself the first of train.stop_signals after this step
 
 
 @dataclass
@@ -192,6 +196,8 @@ NON_NEGATIVE = (
     "debug.fail_at_step",
     "debug.fail_rank",
     "debug.nonfinite_from_step",
+    "debug.stop_at_step",
+    "dist.max_stalled_restarts",
 )
 # Keys of earlier versions -> their place now (None: dropped), applied to a checkpoint's stored config.
 MOVED = {
@@ -280,6 +286,16 @@ def from_saved(saved: dict, overrides: list[str]) -> Any:
         if "=" not in arg or arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: pass overrides as key=value (e.g. data.root=../shared/data)")
     return _with_overrides(cfg, overrides)
+
+
+def saved_dict(saved: dict) -> dict:
+    """A checkpoint's stored config as this version's full tree (plain types): moved keys in their place,
+    keys added since at their defaults. Not validated: it describes a run that was, not one to start."""
+    try:
+        tree = OmegaConf.merge(OmegaConf.structured(Config), migrate(saved))
+    except OmegaConfBaseException as e:
+        raise UserError(f"the checkpoint's stored config does not fit this version: {_explain(e)}") from None
+    return OmegaConf.to_container(tree)  # type: ignore[return-value]
 
 
 def migrate(saved: dict) -> dict:

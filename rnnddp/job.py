@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rnnddp import checkpoint, dist, plots
+from rnnddp import checkpoint, dist, plots, resume
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import to_dict, to_yaml
 from rnnddp.dist import DistInfo
@@ -143,7 +143,11 @@ def build_trainer(
         def validate(m: torch.nn.Module) -> dict[str, Any]:
             return task.evaluate(m, val, eval_autocast)
 
-    kill = faults.kill_after_step(cfg.debug.fail_at_step, cfg.debug.fail_rank, info.rank)
+    debug = cfg.debug
+    hooks = [
+        faults.kill_after_step(debug.fail_at_step, debug.fail_rank, info.rank),
+        faults.stop_after_step(debug.stop_at_step, debug.fail_rank, info.rank, list(train.stop_signals)),
+    ]
     trainer = Trainer(
         train,
         info,
@@ -160,7 +164,7 @@ def build_trainer(
         save_every=cfg.checkpoint.every_steps,
         seed=cfg.seed,
         stateful=[task],
-        hooks=[kill] if kill else [],
+        hooks=[h for h in hooks if h is not None],
         stop=stop,
         description=f"precision {precision.name}, device {info.device}, {torch.get_num_threads()} CPU thread(s)"
         + f", backend {info.backend or 'none'}"
@@ -205,23 +209,40 @@ def run(cfg: Any, info: DistInfo) -> int:
     if not dist.all_ok(error is None, info):
         raise error or UserError("rank 0 cannot write its run directory; see its message")
     manager.clean_leftovers()  # rank 0, before any save: what a killed save left behind
-    resume_path = find_resume_point(cfg, manager)
+    chosen, pick_error = None, None
+    if info.is_main:  # rank 0 picks; the others load the same bytes or stop the job
+        try:
+            chosen = find_resume_point(cfg, manager)
+        except UserError as e:
+            pick_error = str(e)
+    resume_path = resume.agree_on_checkpoint(chosen, pick_error, manager, info)
     state = checkpoint.load(resume_path) if resume_path else None
     if state is not None:
         check_resumable(state, cfg, task, args, resume_path)
 
     splits = task.load()
     batches = task.train_batches(splits.train)  # bad input (data, batch size) stops the job before W&B starts
+    changes = None
+    if state is not None:  # every other difference is refused here, before anything is written
+        changes = resume.compare(state["config"], cfg, resume_path, task.RESUME_SAFE, batches.steps_per_epoch)
     trained = state is not None and state["global_step"] >= total_steps(
         cfg.train.epochs, cfg.train.max_steps, batches.steps_per_epoch
     )
     # Every rank takes the same branch: any rank that sees no final test makes all of them test.
     if trained and dist.all_ok(_tested(run_dir, state["global_step"]), info):
-        log.info("run %s already finished at step %d (%s); nothing to do", cfg.name, state["global_step"], resume_path)
+        log.info(
+            "run %s already finished at step %d (%s); nothing to do (lengthen it with train.epochs= or "
+            "train.max_steps=, or start another run with name=NEW)",
+            cfg.name,
+            state["global_step"],
+            resume_path,
+        )
         return 0
+    step = state["global_step"] if state else 0
+    resume.check_progress(run_dir, step, cfg.dist.max_stalled_restarts, info, resume_path)
     stop = StopRequest(list(cfg.train.stop_signals))  # held through the final test, not only fit
     try:
-        return _train_and_test(cfg, info, manager, task, splits, batches, state, resume_path, trained, stop)
+        return _train_and_test(cfg, info, manager, task, splits, batches, state, resume_path, trained, stop, changes)
     finally:
         stop.close()
 
@@ -253,6 +274,7 @@ def _train_and_test(
     resume_path: Path | None,
     trained: bool,
     stop: StopRequest,
+    changes: resume.Changes | None = None,
 ) -> int:
     run_dir = Path(cfg.run_dir)
     built = build_trainer(cfg, info, manager, task=task, splits=splits, batches=batches, stop=stop)
@@ -293,8 +315,26 @@ def _train_and_test(
                 trainer.step_in_epoch,
             )
             slurm = {k.lower(): os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT") if k in os.environ}
+            changed = {k: list(v) for k, v in changes.applied.items()} if changes and changes.applied else {}
+            if changed:
+                log.info("resuming with changed settings: %s", changes.describe())
+            if changes and changes.extends:
+                log.warning(
+                    "lengthening the run from %d to %d steps: the LR schedule is re-planned over %d steps "
+                    "(the steps taken keep their LRs; the next one's is %.3g)",
+                    changes.old_total,
+                    changes.new_total,
+                    changes.new_total,
+                    trainer.scheduler.get_last_lr()[0],
+                )
+            extra = {"changed": changed} if changed else {}
             trainer.logger.event(
-                "resume", trainer.global_step, checkpoint=str(resume_path), world_size=info.world_size, **slurm
+                "resume",
+                trainer.global_step,
+                checkpoint=str(resume_path),
+                world_size=info.world_size,
+                **slurm,
+                **extra,
             )
         if info.is_main:
             plots.preload()  # only rank 0 draws

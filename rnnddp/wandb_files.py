@@ -61,10 +61,11 @@ def last_step(run_dir: Path, run_id: str) -> int:
     """The highest history step that earlier sessions of W&B run ``run_id`` wrote under ``run_dir`` (-1: none).
 
     Online sessions keep the same log beside their upload (``run-<time>-<id>``), offline ones
-    in ``offline-run-<time>-<id>``.
+    in ``offline-run-<time>-<id>``; W&B adds ``-1``, ``-2``... to a session started within the same
+    second as an earlier one.
     """
     best = -1
-    for path in (run_dir / "wandb").glob(f"*run-*-{run_id}/run-{run_id}.wandb"):
+    for path in (run_dir / "wandb").glob(f"*run-*-{run_id}*/run-{run_id}.wandb"):
         try:
             steps = [json.loads(row["_step"]) for row in history(path) if "_step" in row]
         except (OSError, ValueError):

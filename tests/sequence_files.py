@@ -44,3 +44,17 @@ def write_step_files(folder: Path, kind: str, train: int = 1000, test: int = 300
         np.savez(folder / f"{kind}_{split}.npz", x=x, y=y)
         paths.append(folder / f"{kind}_{split}.npz")
     return paths[0], paths[1]
+
+
+def tiny_prepared(root: Path, train: int = 30, test: int = 8) -> Path:
+    """A prepared folder of short random sequences (2 features, 4-8 steps) with two classes; 30 train
+    sequences give 24 to train on (3 batches of 8) and 6 to validation."""
+    from rnnddp.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        x = np.empty(n, dtype=object)
+        for i in range(n):
+            x[i] = rng.standard_normal((int(rng.integers(4, 9)), 2)).astype(np.float32)
+        np.savez(root / f"{split}.npz", x=x, y=np.array(["a", "b"] * (n // 2)))
+    return prepare(root / "train.npz", root / "test.npz", root / "prepared")

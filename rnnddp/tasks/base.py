@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from rnnddp.data.batches import Split
@@ -52,7 +51,9 @@ class Task:
     metric: ClassVar[Metric]
     cuda_graph_unsupported: ClassVar[str | None] = None  # why train.cuda_graph cannot hold its step
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # allowed values of its config keys, from their registries
-    RESUME_KEYS: ClassVar[tuple[str, ...]] = ()  # config keys a checkpoint must share to resume
+    # Keys of its section that may change on resume (where the data lives, not what it is); every
+    # other key must match the checkpoint's (rnnddp/resume.py).
+    RESUME_SAFE: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -98,16 +99,8 @@ class Task:
             )
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
-        """Refuse a checkpoint trained on other data (raise UserError naming the key and the fix)."""
-        saved_cfg = OmegaConf.create(state.get("config") or {})
-        now_cfg = OmegaConf.structured(self.cfg)
-        for key in self.RESUME_KEYS:
-            before, now = OmegaConf.select(saved_cfg, key), OmegaConf.select(now_cfg, key)
-            if before != now:
-                raise UserError(
-                    f"checkpoint {path} was trained with {key}={before}, the config says {now}; "
-                    f"set {key}={before} or start a new run with another name="
-                )
+        """Refuse a checkpoint trained on other data that the config keys do not show (raise UserError
+        naming the fix); the keys themselves are compared by rnnddp/resume.py."""
 
     def state_dict(self) -> dict[str, Any]:
         """Entries this task adds to a checkpoint (every rank calls it; it may gather)."""

@@ -147,9 +147,8 @@ class Classify(Task):
             result["predictions"] = torch.cat(preds)
         return result
 
-    # What the training set and the position in it depend on: another value would train on other
-    # images (the validation ones, say) or put the saved step in another epoch.
-    RESUME_KEYS = ("data.dataset", "data.view", "data.val_size", "train.global_batch_size")
+    # Where the files are, not what they hold (the data set, view and split must stay: rnnddp/resume.py).
+    RESUME_SAFE = ("data.root", "data.cache_dir", "data.download", "data.device_resident")
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
         super().check_resume(state, path)

@@ -166,17 +166,9 @@ class SineRegression(Task):
     metric = Metric("mse", higher_is_better=False, log_scale=True)
     cuda_graph_unsupported = "the sine task's carried hidden state changes the model's call from chunk to chunk"
     choices: dict[str, tuple[str, ...]] = {}
-    # The sequences are generated from these settings and the seed, and a checkpoint taken
-    # mid-sequence carries a state for exactly that global batch and chunk position; best.pt
-    # compares validation results, so the validation set stays too.
-    RESUME_KEYS = (
-        "sine.sequences",
-        "sine.length",
-        "sine.chunk_len",
-        "seed",
-        "train.global_batch_size",
-        "sine.val_sequences",
-    )
+    # Every sine.* key stays on resume: the sequences are generated from them and the seed, a
+    # checkpoint taken mid-sequence carries a state for exactly that batch and chunk position, and
+    # best.pt compares validation results.
 
     @classmethod
     def validate(cls, cfg: Any) -> None:

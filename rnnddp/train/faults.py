@@ -1,4 +1,4 @@
-"""Fault injection for tests (``debug.*``): a rank SIGKILLed after a step, a loss that turns NaN."""
+"""Fault injection for tests (``debug.*``): a rank SIGKILLed or signalled after a step, a loss that turns NaN."""
 
 from __future__ import annotations
 
@@ -39,3 +39,20 @@ def nan_from_step(loss_fn: Callable[[Any], torch.Tensor], from_step: int, curren
         return loss * float("nan") if current_step() + 1 >= from_step else loss
 
     return poisoned
+
+
+def stop_after_step(
+    stop_at_step: int, fail_rank: int, rank: int, stop_signals: list[str]
+) -> Callable[[int], None] | None:
+    """A per-step hook that sends this rank the first of ``stop_signals`` after step ``stop_at_step`` (a real
+    signal, as a scheduler sends it), on every attempt; None when not asked for."""
+    if not stop_at_step or rank != fail_rank or not stop_signals:
+        return None
+    sig = signal.Signals[str(stop_signals[0])]
+
+    def hook(step: int) -> None:
+        if step == stop_at_step:
+            log.warning("debug.stop_at_step: sending %s to rank %d after step %d", sig.name, rank, step)
+            os.kill(os.getpid(), sig)
+
+    return hook

@@ -172,11 +172,21 @@ class Trainer:
                     saved[key] = now[key]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a function of the step and the run's length: the next step's LR from it. The
+        # same value when the length is unchanged; a lengthened run's longer schedule otherwise.
+        s = self.scheduler
+        lrs = [base * factor(s.last_epoch) for factor, base in zip(s.lr_lambdas, s.base_lrs, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        s._last_lr = lrs
         if state["scaler"] or not self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         # else: the checkpoint ran without loss scaling (fp32/CPU); start the scaler fresh.
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
+        if self.step_in_epoch >= self.batches.steps_per_epoch:
+            # Written by a stop on an epoch's last step before that was fixed: the next epoch's start.
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.global_step = state["global_step"]
         best = state.get("best_metric")
         self.best = None if best is None or best != best else best
@@ -237,11 +247,16 @@ class Trainer:
                         bar.update(1)
                     for hook in self.hooks:
                         hook(self.global_step)
-                    # The last step finishes the run instead: validate, save and test (seconds), exit 0.
-                    if not self.finished and vote(self.stop.requested):
+                    # This step's own work first (an epoch's end: validation, save, the next epoch's
+                    # position), so a stop checkpoint never points past an epoch's last batch.
+                    saved = self._after_step(bar)
+                    if self.finished:  # the last step finishes the run instead: test (seconds), exit 0
+                        break
+                    if vote(self.stop.requested):
                         vote.close()
                         self._log_window(bar)
-                        self._save()
+                        if not saved:
+                            self._save()
                         dist.barrier(info)  # nobody exits while rank 0 still writes (other nodes' torchrun)
                         log.warning(
                             "stopped on %s at step %d: checkpoint saved",
@@ -250,9 +265,6 @@ class Trainer:
                         )
                         self.logger.event("stopped", self.global_step, signal=self.stop.name)
                         return "stopped"
-                    self._after_step(bar)
-                    if self.finished:
-                        break
                 if self.global_step == before:  # a position past the epoch's end would loop forever
                     raise RuntimeError(
                         f"epoch {self.epoch} has no batch at or after {self.step_in_epoch} of "
@@ -271,8 +283,8 @@ class Trainer:
         self.logger.summary({f"best_val_{self.metric.name}": self.best})
         return "finished"
 
-    def _after_step(self, bar: Any) -> None:
-        """Log, validate and save when this step calls for it."""
+    def _after_step(self, bar: Any) -> bool:
+        """Log, validate and save when this step calls for it; returns whether it saved."""
         last_of_epoch = self.step_in_epoch == self.batches.steps_per_epoch
         if _every(self.global_step, self.cfg.log_every_steps) or last_of_epoch or self.finished:
             self._log_window(bar)
@@ -287,6 +299,7 @@ class Trainer:
             self._save(best=new_best)
         if do_eval or do_save:
             self._window.start = time.perf_counter()  # samples/s counts training time only
+        return do_save or new_best
 
     def _log_window(self, bar: Any) -> None:
         """Average the loss since the last log over ranks, record it, and check for divergence."""
@@ -316,9 +329,10 @@ class Trainer:
         w.reset()
 
     def _check_finite(self, worst_run: float) -> None:
-        """Stop after train.max_nonfinite consecutive non-finite losses (with a GradScaler it skips those steps)."""
+        """Stop after train.max_nonfinite consecutive non-finite losses. Under a GradScaler too: it skips
+        those steps, and a run of them is divergence, not a run that "finishes" on an untrained model."""
         limit = self.cfg.max_nonfinite
-        if not self.scaler.is_enabled() and limit and worst_run >= limit:
+        if limit and worst_run >= limit:
             latest = self.checkpoints.find_latest() if self.info.is_main else None
             raise NonFiniteLossError(
                 f"loss was not finite for {int(worst_run)} consecutive steps (by step {self.global_step}); "

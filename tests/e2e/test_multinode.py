@@ -48,3 +48,46 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path: Path, mnist_root: Pat
     torch.manual_seed(0)
     init = build_model(one["model_args"]).state_dict()
     assert max((one["model"][k] - v).abs().max().item() for k, v in init.items()) > 1e-3
+
+
+def test_ranks_that_see_different_checkpoints_stop_naming_the_rank_and_the_file(tmp_path: Path) -> None:
+    """Node-local run directories: each "node" holds a valid newest checkpoint of the same name but other
+    bytes. Rank 0 picks, the other rank finds other bytes: exit 2 with one line, nothing trained."""
+    import shutil
+
+    from rnnddp.checkpoint import CheckpointManager
+    from tests.conftest import worker_exit_codes
+    from tests.sequence_files import tiny_prepared
+
+    data = tiny_prepared(tmp_path)
+    common = [
+        "task=sequence_classification",
+        f"sequences.path={data}",
+        "train.global_batch_size=8",
+        "model.hidden_size=8",
+        "wandb.mode=disabled",
+    ]
+    a, b = tmp_path / "node_a", tmp_path / "node_b"
+    run_job([*common, f"run_dir={a}", "debug.stop_at_step=4"], check=False)
+    shutil.copytree(a, b)
+    state = latest_state(b)
+    state["model"] = {k: v + 1 for k, v in state["model"].items()}  # a lagging or other copy: same name
+    CheckpointManager(b).save(state, state["global_step"])
+    endpoint, rdzv = f"127.0.0.1:{free_port()}", uuid.uuid4().hex[:8]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    nodes = []
+    for run_dir, log in zip((a, b), logs, strict=True):
+        cmd = torchrun_cmd(endpoint, rdzv, [*common, f"run_dir={run_dir}"], nproc=1)
+        with log.open("w") as out:
+            nodes.append(subprocess.Popen(cmd, env=job_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
+    wait_all(nodes, timeout=300)
+    output = "".join(log.read_text() for log in logs)
+    assert all(node.returncode != 0 for node in nodes), output[-3000:]
+    assert worker_exit_codes(output) == [2, 2], output[-3000:]
+    errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "rank 1 cannot load" in errors[0] and "its bytes differ from rank 0's" in errors[0], (
+        errors
+    )
+    assert "step_0000004.pt, the checkpoint rank 0 resumes from" in errors[0]
+    for run_dir in (a, b):  # nothing trained on either node
+        assert latest_state(run_dir)["global_step"] == 4
