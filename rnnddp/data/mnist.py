@@ -149,9 +149,7 @@ def locate_dataset(dataset: str, root: str, cache_dir: str = "", download: bool 
     if not download:
         raise UserError(f"{folder} not found in {looked}; copy the four IDX files there or set data.download=true")
     try:
-        cls = torchvision_class(dataset)
-        cls(str(root_p), train=True, download=True)
-        cls(str(root_p), train=False, download=True)
+        _download(dataset, root_p)
     except Exception as e:  # no network, DNS failure, HTTP error, unwritable root
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -159,6 +157,25 @@ def locate_dataset(dataset: str, root: str, cache_dir: str = "", download: bool 
             f"set data.root to a folder holding {folder}/raw, or run once with network access"
         ) from None
     return root_p
+
+
+def _download(dataset: str, root: Path) -> None:
+    """torchvision's download into a temporary folder beside the data set, then each file renamed into
+    ``root/<Folder>/raw``: a reader (another node's rank, a killed download's rerun) sees each file
+    whole or not at all. Nodes sharing ``root`` may each download; the renames replace like with like."""
+    folder = DATASETS[dataset].folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder}.download."))
+    try:
+        cls = torchvision_class(dataset)
+        cls(str(tmp), train=True, download=True)
+        cls(str(tmp), train=False, download=True)
+        raw = root / folder / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in sorted((tmp / folder / "raw").iterdir()):
+            os.replace(f, raw / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_idx(path: Path) -> torch.Tensor:

@@ -40,3 +40,18 @@ def test_a_second_ctrl_c_interrupts_at_once():
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+def test_nonfinite_losses_under_a_grad_scaler_are_divergence_not_a_finished_run(tmp_path: Path, mnist_root):
+    """fp16 (or bf16 on CUDA) trains under a GradScaler, which skips a step whose gradients are not finite;
+    a run of losses that stay NaN is still divergence (exit 3), never a run that "finishes" untrained."""
+    import torch
+
+    from rnnddp.errors import NonFiniteLossError
+
+    overrides = ["model.hidden_size=8", "train.max_steps=12", "train.log_every_steps=4", "debug.nonfinite_from_step=2"]
+    trainer = in_process_trainer(mnist_root, tmp_path, overrides)
+    trainer.scaler = trainer.step.scaler = torch.amp.GradScaler("cpu", enabled=True)  # as on a GPU under fp16
+    with pytest.raises(NonFiniteLossError, match="loss was not finite for 3 consecutive steps"):
+        trainer.fit()
+    assert trainer.global_step == 4
