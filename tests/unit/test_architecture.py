@@ -188,7 +188,10 @@ def test_every_mutant_still_applies_once() -> None:
 
 
 def test_gloo_errors_of_a_lost_peer_are_recognised() -> None:
-    """The messages gloo gave in the host tests (a killed host, a cut link) mean a lost peer; others do not."""
+    """The messages gloo gave in the host tests (a killed host, a cut link) mean a lost peer; others do not.
+
+    Not the type: a DistError from a bug (NCCL's invalid argument, a port in use, an empty store
+    queue) is a crash (exit 1 with its traceback), not a lost peer to requeue."""
     import torch.distributed as tdist
 
     from rnnddp.dist import lost_peer
@@ -200,6 +203,39 @@ def test_gloo_errors_of_a_lost_peer_are_recognised() -> None:
         "Application timeout caused pair closure",
     ]
     assert all(lost_peer(RuntimeError(m)) for m in seen)
-    assert lost_peer(tdist.DistBackendError("anything"))
+    assert all(lost_peer(tdist.DistBackendError(m)) for m in seen)
+    # NCCL's words for a peer gone (ncclRemoteError) and for its watchdog's timeout.
+    nccl_lost = [
+        "NCCL error in: ProcessGroupNCCL.cpp:2076, remote process exited or there was a network error, "
+        "NCCL version 2.27.5",
+        "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE) "
+        "ran for 60000 milliseconds before timing out.",
+    ]
+    assert all(lost_peer(tdist.DistBackendError(m)) for m in nccl_lost)
+    # DistErrors raised by bugs (messages as torch 2.14 and NCCL give them).
+    bugs = [
+        tdist.DistBackendError("anything"),
+        tdist.DistBackendError(
+            "NCCL error in: ProcessGroupNCCL.cpp:3426, invalid argument (run with NCCL_DEBUG=WARN for details), "
+            "NCCL version 2.27.5\nncclInvalidArgument: Invalid value for an argument."
+        ),
+        tdist.DistBackendError(
+            "NCCL error in: ProcessGroupNCCL.cpp:1871, invalid usage (run with NCCL_DEBUG=WARN for details)"
+        ),
+        tdist.DistNetworkError(
+            "The server socket has failed to listen on any local network address. port: 29500, useIpv6: false, "
+            "code: -98, name: EADDRINUSE, message: address already in use"
+        ),
+        tdist.QueueEmptyError("queue is empty"),
+        tdist.DistStoreError("wait timeout after 5000ms, keys: /default_pg/0//never"),
+    ]
+    assert not [e for e in bugs if lost_peer(e)]
+    # gloo's own complaints about a misused collective: plain RuntimeErrors.
+    assert not lost_peer(
+        RuntimeError("ProcessGroupGloo::allgather: invalid tensor size at index 1 (expected (2), got (1))")
+    )
+    assert not lost_peer(
+        RuntimeError("Detected mismatch between collectives on ranks. Rank 0 is running collective: ...")
+    )
     assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not lost_peer(ValueError("Connection reset by peer"))
