@@ -10,8 +10,16 @@ Targets: a class per sequence (``.ts``, or ``.npz`` ``y`` of ``[N]``), or per-st
 Without ``--val`` a validation split (``--val-fraction`` of train) is drawn with a fixed seed:
 stratified for a class per sequence (at least one sequence of each class that has two or more),
 a plain draw of sequences for per-step targets. Normalisation
-statistics come from the train split alone. The folder is written under a temporary name and
-renamed when complete: a failure or a kill leaves no half-written ``--out``.
+statistics come from the train split alone, from its real values only. The folder is written under
+a temporary name and renamed when complete: a failure or a kill leaves no half-written ``--out``.
+
+Missing values (``?`` in a ``.ts`` under ``@missing true``; NaN or infinity in a ``.ts`` or in an
+``.npz``'s ``x``): those after a sequence's last real value (in every channel) shorten it, as the
+UEA archive writes unequal lengths; those inside a sequence (a gap followed by a real value in its channel, or the
+tail of a channel that ends before another) are refused, naming the file and line (``.ts``) or record
+(``.npz``), unless ``--fill-missing`` fills them: ``zero`` with 0.0, ``previous`` with the channel's
+last real value before the gap (a gap at the start: the first real value after it). Filled values
+do not count in the statistics. A sequence with no real value is refused.
 
 Exit codes: 0 written, 2 bad input (one line naming the file and the fix).
 """
@@ -24,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnddp.data.readers import Sequences, read_sequences
+from rnnddp.data.readers import FILL_MISSING, FillMissing, Sequences, read_sequences
 from rnnddp.data.sequences import TARGET_KINDS, SplitArrays, open_prepared, pack, write_prepared
 from rnnddp.errors import UserError
 
@@ -53,16 +61,25 @@ def _subset(s: Sequences, idx: list[int]) -> Sequences:
         [s.steps[i] for i in idx] if s.steps else [],
         s.step_values,
         s.class_names,
+        [s.filled[i] for i in idx] if s.filled else [],
     )
 
 
-def prepare(train: Path, test: Path, out: Path, val: Path | None = None, val_fraction: float = 0.2) -> Path:
-    """Read, check and write; returns ``out``."""
+def prepare(
+    train: Path,
+    test: Path,
+    out: Path,
+    val: Path | None = None,
+    val_fraction: float = 0.2,
+    fill_missing: FillMissing | None = None,
+) -> Path:
+    """Read, check and write; returns ``out``. ``fill_missing``: ``zero`` or ``previous`` fills missing
+    values inside sequences (None refuses them; the module's docstring has the rule)."""
     if not 0 < val_fraction < 1 and val is None:
         raise UserError(f"--val-fraction {val_fraction}: must be between 0 and 1 (or give --val FILE)")
-    parts = {"train": read_sequences(train), "test": read_sequences(test)}
+    parts = {"train": read_sequences(train, fill_missing), "test": read_sequences(test, fill_missing)}
     if val is not None:
-        parts["val"] = read_sequences(val)
+        parts["val"] = read_sequences(val, fill_missing)
     tr = parts["train"]
     for s in parts.values():
         if s.feature_count != tr.feature_count:
@@ -119,8 +136,17 @@ def prepare(train: Path, test: Path, out: Path, val: Path | None = None, val_fra
         else:
             index = {n: i for i, n in enumerate(names)}
             arrays[name] = pack(s.features, np.array([index[label] for label in s.labels], dtype=np.int64), None)
-    source = {"train": str(train), "test": str(test), "val": str(val) if val else f"{val_fraction} of train"}
-    return write_prepared(out, arrays, names, source)
+    source: dict[str, object] = {
+        "train": str(train),
+        "test": str(test),
+        "val": str(val) if val else f"{val_fraction} of train",
+    }
+    if fill_missing is not None:
+        source["fill_missing"] = fill_missing
+        source["filled_values"] = {n: int(sum(m.sum() for m in parts[n].filled)) for n in ("train", "val", "test")}
+    kept = parts["train"]  # after the validation split was carved out
+    real = ~np.concatenate(kept.filled) if kept.filled else None  # the statistics count real values only
+    return write_prepared(out, arrays, names, source, train_real=real)
 
 
 def _label_key(label: str) -> tuple[int, float | str]:
@@ -138,9 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=Path, help="validation sequences; default: carved from --train")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class carved from train (0.2)")
     p.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
+    p.add_argument(
+        "--fill-missing",
+        choices=FILL_MISSING,
+        help="fill missing values ('?', NaN) inside a sequence: zero = 0.0, previous = the channel's last real "
+        "value (a gap at the start: the first real value after it); default: refuse them. Missing values at "
+        "the end of every channel always shorten the sequence; statistics count real values only",
+    )
     a = p.parse_args(argv)
     try:
-        out = prepare(a.train, a.test, a.out, a.val, a.val_fraction)
+        out = prepare(a.train, a.test, a.out, a.val, a.val_fraction, a.fill_missing)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -152,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:5s} {st['sequences']:6d} sequences, {st['steps']:8d} steps, "
             f"lengths {st['min_length']}-{st['max_length']} (median {st['median_length']:g})"
         )
+    if "fill_missing" in m["source"]:
+        filled = ", ".join(f"{k} {v}" for k, v in m["source"]["filled_values"].items())
+        print(f"  filled missing values inside sequences with --fill-missing {m['source']['fill_missing']}: {filled}")
     return 0
 
 

@@ -4,6 +4,10 @@ Each reader returns a :class:`Sequences`: one ``[T_i, F]`` float32 array per seq
 target: a class name, or a per-step array (a class at every step, or values at every step).
 ``read_sequence_file`` reads one sequence for prediction (``.npy`` or ``.csv``). Malformed input
 is a :class:`UserError` naming the file, the line or record, and the fix.
+
+Missing values (``?`` in a ``.ts``, NaN or infinity in either) follow one rule, :func:`resolve_missing`:
+those at the end of a sequence shorten it (the archive's way to write unequal lengths); those inside it
+are refused unless a fill is asked for (``rnnddp-prepare --fill-missing zero|previous``).
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from rnnddp.errors import UserError
+
+FillMissing = Literal["zero", "previous"]
+FILL_MISSING: tuple[str, ...] = ("zero", "previous")
 
 
 @dataclass
@@ -26,6 +34,8 @@ class Sequences:
     steps: list[np.ndarray] = field(default_factory=list)
     step_values: bool = False  # steps hold values (regression), not classes
     class_names: list[str] = field(default_factory=list)  # declared by the file (.ts @classLabel), else empty
+    # Where --fill-missing put a value: one bool [T_i, F] per sequence, or empty when nothing was filled.
+    filled: list[np.ndarray] = field(default_factory=list)
 
     @property
     def feature_count(self) -> int:
@@ -41,15 +51,63 @@ class Sequences:
         return "per_step_value" if self.step_values else "per_step" if self.per_step else "label"
 
 
-def read_sequences(path: Path) -> Sequences:
-    """A ``.ts`` or ``.npz`` file, by its suffix."""
+def resolve_missing(
+    seq: np.ndarray, where: str, fill: FillMissing | None = None, unit: str = "channel"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rule for missing values (NaN or infinity) in a ``[T, F]`` sequence: (the sequence, where it was filled).
+
+    Steps after the last step with a real value in any channel are cut: the sequence is that long.
+    What is missing before that (a gap followed by a real value in its channel, or the tail of a
+    channel that ends before another) is inside the sequence: a UserError naming ``where`` unless
+    ``fill`` is given. ``zero`` puts 0.0 there; ``previous`` the channel's last real value before
+    it, or for a gap at the start, the first one after it. The mask (True where filled) lets the
+    statistics count real values only; None when nothing was filled. A sequence without a single
+    real value is a UserError whatever ``fill`` says.
+    """
+    real = np.isfinite(seq)
+    if real.all():
+        return seq, None
+    steps = np.flatnonzero(real.any(axis=1))
+    if not len(steps):
+        raise UserError(f"{where}: every value of the sequence is missing; drop it from the file")
+    length = int(steps[-1]) + 1
+    seq, real = seq[:length], real[:length]
+    gaps = ~real
+    if not gaps.any():
+        return seq, None
+    if fill is None:
+        c, t = np.argwhere(gaps.T)[0]  # the first by channel, then step (as a .ts line writes them)
+        raise UserError(
+            f"{where}: {int(gaps.sum())} missing value(s) inside the sequence (first: {unit} {c + 1}, step {t + 1}); "
+            "only trailing ones shorten a sequence: fill them with rnnddp-prepare --fill-missing {zero,previous}, "
+            "or fix the file"
+        )
+    out = seq.copy()
+    if fill == "zero":
+        out[gaps] = 0.0
+        return out, gaps
+    for c in np.flatnonzero(gaps.any(axis=0)):
+        have = np.flatnonzero(real[:, c])
+        if not len(have):
+            raise UserError(
+                f"{where}: {unit} {c + 1} has no real value, so --fill-missing previous has none to carry; "
+                "give --fill-missing zero or fix the file"
+            )
+        last = np.maximum.accumulate(np.where(real[:, c], np.arange(length), -1))  # the last real step so far
+        last[last < 0] = have[0]  # a leading gap: the first real value after it
+        out[:, c] = seq[last, c]
+    return out, gaps
+
+
+def read_sequences(path: Path, fill_missing: FillMissing | None = None) -> Sequences:
+    """A ``.ts`` or ``.npz`` file, by its suffix; missing values as :func:`resolve_missing` says."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file; give the path of a .ts or .npz file")
     if path.suffix.lower() == ".ts":
-        return read_ts(path)
+        return read_ts(path, fill_missing)
     if path.suffix.lower() == ".npz":
-        return read_npz(path)
+        return read_npz(path, fill_missing)
     raise UserError(f"{path}: unknown format {path.suffix!r}; give a UEA/UCR .ts file or a NumPy .npz (x, y)")
 
 
@@ -59,9 +117,10 @@ def _flag(value: str, tag: str, path: Path, line_no: int) -> bool:
     raise UserError(f"{path}:{line_no}: @{tag} must be true or false, not {value!r}")
 
 
-def read_ts(path: Path) -> Sequences:
+def read_ts(path: Path, fill_missing: FillMissing | None = None) -> Sequences:
     """The UEA/UCR ``.ts`` format: ``@`` header lines, then one sequence per line after ``@data``:
-    channels separated by ``:``, values by ``,``, ``?`` for a missing value, the class label last."""
+    channels separated by ``:``, values by ``,``, ``?`` for a missing value, the class label last.
+    Under ``@missing true`` (the default) missing values follow :func:`resolve_missing`."""
     header: dict[str, str] = {}
     out = Sequences(path, [])
     in_data = False
@@ -117,8 +176,12 @@ def read_ts(path: Path) -> Sequences:
                     f"{path}:{line_no}: channels of different lengths {sorted(lengths)}; pad or cut them alike"
                 )
             seq = np.asarray(values, dtype=np.float32).T  # [T, F]
-            if not missing_ok and np.isnan(seq).any():
-                raise UserError(f"{path}:{line_no}: a missing value ('?' or NaN) but the header says @missing false")
+            if not missing_ok and not np.isfinite(seq).all():
+                raise UserError(
+                    f"{path}:{line_no}: a missing value ('?', NaN or infinity) but the header says @missing false"
+                )
+            seq, filled = resolve_missing(seq, f"{path}:{line_no}", fill_missing)
+            _add_filled(out, filled, seq.shape)
             out.features.append(seq)
             out.labels.append(label)
     if not in_data:
@@ -126,6 +189,15 @@ def read_ts(path: Path) -> Sequences:
     if not out.features:
         raise UserError(f"{path}: no sequences after @data")
     return out
+
+
+def _add_filled(out: Sequences, filled: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    """Keep ``out.filled`` one mask per sequence read so far, or empty while nothing was filled."""
+    if filled is None and not out.filled:
+        return
+    if not out.filled:
+        out.filled = [np.zeros(f.shape, dtype=bool) for f in out.features]
+    out.filled.append(filled if filled is not None else np.zeros(shape, dtype=bool))
 
 
 def _is_number_list(text: str) -> bool:
@@ -155,11 +227,13 @@ def _is_float(v: str) -> bool:
     return True
 
 
-def read_npz(path: Path) -> Sequences:
+def read_npz(path: Path, fill_missing: FillMissing | None = None) -> Sequences:
     """``x``: ``[N, T, F]`` (or ``[N, T]``: one feature), or an object array of ``[T_i, F]``
     sequences; ``y``: ``[N]`` labels (numbers or strings), or per-step targets (an object array of
     ``[T_i]`` or ``[T_i, K]`` arrays, or ``[N, T(, K)]``): integers or strings are a class at every
-    step, floats are values at every step."""
+    step, floats are values at every step. NaN or infinity in ``x`` is missing
+    (:func:`resolve_missing`): NaN rows at the end shorten a sequence, and its per-step targets
+    are cut alike."""
     try:
         data = np.load(path, allow_pickle=True)  # object arrays need pickle: the user's own file
         keys = set(data.files)
@@ -184,6 +258,7 @@ def read_npz(path: Path) -> Sequences:
         raise UserError(f"{path}: {len(seqs)} sequences in x but {len(y)} labels in y; give one per sequence")
     out = Sequences(path, [])
     features = None
+    written: list[int] = []  # each sequence's length in the file, before trailing missing rows are cut
     for i, s in enumerate(seqs):
         if s.ndim == 1:
             s = s[:, None]
@@ -192,8 +267,9 @@ def read_npz(path: Path) -> Sequences:
         features = s.shape[1] if features is None else features
         if s.shape[1] != features:
             raise UserError(f"{path}: record {i}: {s.shape[1]} features, record 0 has {features}; give all the same")
-        if np.isnan(s).any():
-            raise UserError(f"{path}: record {i}: NaN in the features; fill or drop missing values first")
+        written.append(len(s))
+        s, filled = resolve_missing(s, f"{path}: record {i}", fill_missing, unit="feature")
+        _add_filled(out, filled, s.shape)
         out.features.append(np.ascontiguousarray(s, dtype=np.float32))
     if y.dtype != object and y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]  # a column of labels, [N, 1] (scikit-learn's shape): one per sequence
@@ -205,6 +281,8 @@ def read_npz(path: Path) -> Sequences:
     steps = [np.asarray(t) for t in y]
     out.step_values = all(t.dtype.kind == "f" for t in steps)
     for i, t in enumerate(steps):
+        if len(t) == written[i]:
+            t = t[: len(out.features[i])]  # the targets of the cut rows go with them
         if len(t) != len(out.features[i]) or t.ndim > 2 or (not out.step_values and t.ndim != 1):
             raise UserError(
                 f"{path}: record {i}: per-step targets of shape {t.shape} for {len(out.features[i])} steps; "
