@@ -134,34 +134,24 @@ def sequence_examples(split: Any, predictions: torch.Tensor, names: list[str], o
     return out
 
 
-def step_examples(split: Any, predictions: torch.Tensor, out: Path, names: list[str] | None = None, n: int = 4) -> Path:
-    """A few test sequences with their per-step targets and predictions (the worst first, then the first ones).
-
-    ``predictions``: per step, in the split's flat order: classes [total_steps] (``names`` given) or
-    values [total_steps, K] (the first value drawn; the titles give the MSE over all K).
-    """
+def step_examples(examples: list[tuple[int, Any, Any, Any, float]], out: Path, names: list[str] | None = None) -> Path:
+    """A few test sequences with their per-step targets and predictions: ``examples`` holds, for each,
+    (index in the split, features [T, F], targets and predictions per step [T] classes (``names`` given)
+    or [T, K] values (the first drawn), its error: the share of wrong steps, or the MSE over all K)."""
     plt = pyplot()
-    offsets = np.asarray(split.offsets)
-    truth = torch.from_numpy(np.array(split.targets))
-    if names is None:
-        err = ((predictions - truth) ** 2).reshape(len(truth), -1).mean(dim=1).double()  # over the K values
-    else:
-        err = (predictions != truth).double()
-    per_seq = np.add.reduceat(err.numpy(), offsets[:-1]) / np.diff(offsets)  # every sequence has a step
-    worst = np.argsort(-per_seq, kind="stable")[: n // 2].tolist()
-    chosen = worst + [i for i in range(len(offsets) - 1) if i not in worst][: n - len(worst)]
-    fig, axes = plt.subplots(2 * len(chosen), 1, figsize=(8, 2.2 * len(chosen)), squeeze=False)
-    for k, i in enumerate(chosen):
-        a, b = int(offsets[i]), int(offsets[i + 1])
+    fig, axes = plt.subplots(2 * len(examples), 1, figsize=(8, 2.2 * len(examples)), squeeze=False)
+    for k, (i, features, targets, predictions, error) in enumerate(examples):
+        steps = len(features)
         top, bottom = axes[2 * k, 0], axes[2 * k + 1, 0]
-        top.imshow(np.asarray(split.features[a:b]).T, aspect="auto", cmap="viridis", interpolation="nearest")
+        top.imshow(np.asarray(features).T, aspect="auto", cmap="viridis", interpolation="nearest")
         top.set_yticks([])
-        score = f"accuracy {1 - per_seq[i]:.3f}" if names is not None else f"mse {per_seq[i]:.4g}"
-        top.set_title(f"#{i}: {b - a} steps, {score}", fontsize=8)
-        t, p = truth[a:b].reshape(b - a, -1)[:, 0].numpy(), predictions[a:b].reshape(b - a, -1)[:, 0].numpy()
-        bottom.step(range(b - a), t, where="mid", color="black", label="true")
-        bottom.step(range(b - a), p, where="mid", color="tab:red", linestyle="--", label="predicted")
-        bottom.set_xlim(-0.5, b - a - 0.5)
+        score = f"accuracy {1 - error:.3f}" if names is not None else f"mse {error:.4g}"
+        top.set_title(f"#{i}: {steps} steps, {score}", fontsize=8)
+        t = np.asarray(targets).reshape(steps, -1)[:, 0]
+        p = np.asarray(predictions).reshape(steps, -1)[:, 0]
+        bottom.step(range(steps), t, where="mid", color="black", label="true")
+        bottom.step(range(steps), p, where="mid", color="tab:red", linestyle="--", label="predicted")
+        bottom.set_xlim(-0.5, steps - 0.5)
         if names is not None and len(names) <= 12:
             bottom.set_yticks(range(len(names)), names, fontsize=6)
         bottom.legend(fontsize=6, loc="upper right")

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,7 +52,7 @@ class SplitArrays:
     offsets: np.ndarray
     labels: np.ndarray | None = None  # [N]
     targets: np.ndarray | None = None  # [total_steps] classes or [total_steps, K] values
-    _fd: int | None = None
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)  # mapped file -> its descriptor for pread
 
     @property
     def target_kind(self) -> str:
@@ -77,19 +77,26 @@ class SplitArrays:
         under a memory limit the kernel drops them cheaply; pages touched through the mapping must
         be unmapped first (docs/performance.md: an epoch 9.5x faster under a limit below the data).
         """
-        f = self.features
-        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
-        if not isinstance(f, np.memmap) or not f.filename or not f.flags.c_contiguous:
-            return np.array(f[start:stop])
-        if self._fd is None:
-            self._fd = os.open(f.filename, os.O_RDONLY)
-        out = np.empty((stop - start, f.shape[1]), dtype=f.dtype)
-        if os.preadv(self._fd, [out], f.offset + start * f.strides[0]) != out.nbytes:
-            raise UserError(f"{f.filename}: shorter than its offsets say; prepare the folder again with rnnddp-prepare")
-        return out
+        return self._read_rows(self.features, i)
 
     def step_targets(self, i: int) -> np.ndarray:
         return self.targets[self.offsets[i] : self.offsets[i + 1]]
+
+    def read_step_targets(self, i: int) -> np.ndarray:
+        """Sequence ``i``'s per-step targets, copied out by one read call as its rows are (``read_sequence``)."""
+        return self._read_rows(self.targets, i)
+
+    def _read_rows(self, a: np.ndarray, i: int) -> np.ndarray:
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        if not isinstance(a, np.memmap) or not a.filename or not a.flags.c_contiguous:
+            return np.array(a[start:stop])
+        fd = self._fds.get(a.filename)
+        if fd is None:
+            fd = self._fds[a.filename] = os.open(a.filename, os.O_RDONLY)
+        out = np.empty((stop - start, *a.shape[1:]), dtype=a.dtype)
+        if os.preadv(fd, [out], a.offset + start * a.strides[0]) != out.nbytes:
+            raise UserError(f"{a.filename}: shorter than its offsets say; prepare the folder again with rnnddp-prepare")
+        return out
 
     def to(self, device: Any) -> SplitArrays:
         """Stays where it is (mapped from disk); batches go to the device as they are read."""
@@ -108,7 +115,8 @@ def pad_batch(split: SplitArrays, index: np.ndarray, mean: np.ndarray | None, st
 
     Only these sequences' rows are read from the mapped file.
     """
-    lengths = split.lengths[index]
+    index = np.asarray(index)
+    lengths = split.offsets[index + 1] - split.offsets[index]  # not split.lengths: a pass over every offset
     longest = int(lengths.max())
     x = np.zeros((len(index), longest, split.features.shape[1]), dtype=np.float32)
     for row, i in enumerate(index):
@@ -121,7 +129,7 @@ def pad_batch(split: SplitArrays, index: np.ndarray, mean: np.ndarray | None, st
         shape = (len(index), longest, split.targets.shape[1]) if values else (len(index), longest)
         y = np.zeros(shape, dtype=np.float32) if values else np.full(shape, IGNORE, dtype=np.int64)
         for row, i in enumerate(index):
-            t = split.step_targets(int(i))
+            t = split.read_step_targets(int(i))
             y[row, : len(t)] = t
     return PaddedBatch(
         torch.from_numpy(x), torch.from_numpy(lengths.astype(np.int64)), torch.from_numpy(y), int(lengths.sum())
@@ -211,22 +219,43 @@ def length_stats(split: SplitArrays) -> dict[str, float]:
     }
 
 
-def feature_stats(features: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation per feature over all rows, in chunks (a mapped split may not fit in memory)."""
+def feature_stats(
+    features: np.ndarray, chunk: int = 1 << 20, real: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation per feature over all rows, in chunks (a mapped split may not fit in memory).
+
+    ``real``: bool like ``features``, False where a value was filled in (``rnnddp-prepare
+    --fill-missing``): only the real values count. NaN for a feature without a real value.
+    """
     total = np.zeros(features.shape[1])
     squares = np.zeros(features.shape[1])
+    count = np.zeros(features.shape[1])
     for start in range(0, len(features), chunk):
         part = np.asarray(features[start : start + chunk], dtype=np.float64)
+        if real is None:
+            count += len(part)
+        else:
+            keep = np.asarray(real[start : start + chunk], dtype=bool)
+            part = np.where(keep, part, 0.0)
+            count += keep.sum(axis=0)
         total += part.sum(axis=0)
         squares += (part * part).sum(axis=0)
-    mean = total / len(features)
-    return mean, np.sqrt(np.maximum(squares / len(features) - mean * mean, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+        return mean, np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
 
 
-def write_prepared(out: Path, splits: dict[str, SplitArrays], class_names: list[str], source: dict[str, Any]) -> Path:
+def write_prepared(
+    out: Path,
+    splits: dict[str, SplitArrays],
+    class_names: list[str],
+    source: dict[str, Any],
+    train_real: np.ndarray | None = None,
+) -> Path:
     """Write a prepared folder atomically: into a temporary folder beside ``out``, renamed when complete.
 
-    ``out`` must not exist (nothing of the user's is replaced). Statistics come from ``splits["train"]``.
+    ``out`` must not exist (nothing of the user's is replaced). Statistics come from ``splits["train"]``,
+    from its real values only when ``train_real`` (bool like its features) marks the filled ones False.
     """
     out = Path(out)
     if out.exists():
@@ -235,7 +264,13 @@ def write_prepared(out: Path, splits: dict[str, SplitArrays], class_names: list[
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     train = splits["train"]
-    mean, std = feature_stats(train.features)
+    mean, std = feature_stats(train.features, real=train_real)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        bad = int(np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))[0])
+        raise UserError(
+            f"{source.get('train', 'the train split')}: feature {bad + 1} has no real value in the train split "
+            "(every one is missing or was filled); drop that feature or give it values"
+        )
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -329,4 +364,23 @@ def open_prepared(path: Path) -> Prepared:
             f"{manifest_path} has format version {manifest.get('version')}, this rnnddp reads version "
             f"{FORMAT_VERSION}; prepare the folder again with this rnnddp-prepare"
         )
+    if not _usable_stats(manifest):  # normalisation is (x - mean) / std: NaN in, NaN in every batch
+        raise UserError(
+            f"sequences.path={path}: its manifest's mean/std per feature hold NaN, infinity or a zero std "
+            "(normalisation divides by the std); prepare the folder again with this rnnddp-prepare"
+        )
     return Prepared(path, manifest)
+
+
+def _usable_stats(manifest: dict[str, Any]) -> bool:
+    """The feature statistics are ``features`` finite numbers each, the std's above zero."""
+    try:
+        mean = np.asarray(manifest["mean"], dtype=np.float64)
+        std = np.asarray(manifest["std"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return False
+    n = manifest.get("features")
+    shape = (n,) if isinstance(n, int) else mean.shape
+    return mean.shape == std.shape == shape and bool(
+        np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()
+    )

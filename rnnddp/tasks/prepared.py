@@ -45,8 +45,8 @@ class PreparedSequences(Task):
     Section = SequencesConfig
     target_kind: ClassVar[str]  # the manifest's "target" this task trains
     cuda_graph_unsupported = "batches of variable length change shape from step to step"
-    # The order and position in an epoch depend on these (the folder itself is checked by its manifest).
-    RESUME_KEYS = ("train.global_batch_size", "sequences.bucket", "sequences.bucket_pool")
+    # The folder may move: its splits are checked by their manifest (check_resume).
+    RESUME_SAFE = ("sequences.path",)
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -93,7 +93,12 @@ class PreparedSequences(Task):
         )
 
     def eval_batches(self, split: SplitArrays) -> Iterator[tuple[np.ndarray, PaddedBatch]]:
-        """Every sequence once, in batches of similar length (little padding): (indices, batch on the device)."""
+        """Every sequence once, in batches of similar length (little padding): (indices, batch on the device).
+
+        Read batch by batch from the mapped files as training reads them (one ``pread`` per sequence), so
+        rank 0 evaluates a validation or test split larger than memory; an evaluation keeps sums, not the
+        split's per-step outputs (tests/unit/test_eval_memory.py).
+        """
         order = np.argsort(split.lengths, kind="stable")
         for start in range(0, len(split), self.cfg.eval.batch_size):
             index = order[start : start + self.cfg.eval.batch_size]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,29 +40,34 @@ class SequenceClassification(PreparedSequences):
     def evaluate(
         self, module: nn.Module, split: SplitArrays, autocast: contextlib.AbstractContextManager, detail: bool = False
     ) -> dict[str, Any]:
-        """Mean cross-entropy and accuracy over every sequence."""
+        """Mean cross-entropy and accuracy over every sequence, read batch by batch.
+
+        ``detail`` adds the confusion matrix, summed batch by batch, and each sequence's predicted
+        class and its probability (one number each, as the offsets are; the picture picks from them).
+        """
         classes = len(self.data.class_names)
         was_training = module.training
         module.eval()
         loss_sum, correct = 0.0, 0
-        preds = torch.zeros(len(split), dtype=torch.long)
-        probs = torch.zeros(len(split))
+        confusion = torch.zeros(classes * classes, dtype=torch.long)
+        preds = torch.zeros(len(split), dtype=torch.long) if detail else None
+        probs = torch.zeros(len(split)) if detail else None
         for index, batch in self.eval_batches(split):
             with autocast:
                 logits = module(batch.x, batch.lengths).float()
             loss_sum += F.cross_entropy(logits, batch.y, reduction="sum").item()
             p = logits.softmax(dim=1).max(dim=1)
             correct += int((p.indices == batch.y).sum())
-            preds[torch.from_numpy(index)] = p.indices.cpu()
-            probs[torch.from_numpy(index)] = p.values.cpu()
+            if detail:
+                predicted, y = p.indices.cpu(), batch.y.cpu()
+                confusion += torch.bincount(y * classes + predicted, minlength=classes * classes)
+                preds[torch.from_numpy(index)] = predicted
+                probs[torch.from_numpy(index)] = p.values.cpu()
         module.train(was_training)
         n = len(split)
         result: dict[str, Any] = {"loss": loss_sum / n, "accuracy": correct / n, "samples": n}
         if detail:
-            truth = torch.from_numpy(np.array(split.labels, dtype=np.int64))
-            result["confusion"] = torch.bincount(truth * classes + preds, minlength=classes * classes).view(
-                classes, classes
-            )
+            result["confusion"] = confusion.view(classes, classes)
             result["predictions"], result["probabilities"] = preds, probs
         return result
 

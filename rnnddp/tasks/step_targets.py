@@ -5,11 +5,17 @@ Normalisation: a rank's loss is its steps' summed loss over the real steps of th
 batch (``PaddedBatch.global_steps``, the same on every rank) times the world size. DDP averages
 the ranks' gradients, so the gradient is that of the mean over all the global batch's real
 steps: the same on 1 or N ranks, however the steps fall among the ranks' shares.
+
+Evaluation streams: the split is read batch by batch and only sums are kept (and, for the final
+test, a confusion matrix and the few sequences the picture draws, :class:`StepExamples`), never a
+per-step array of the whole split, which may be larger than memory as the training split may.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,39 +37,97 @@ def real_steps(batch: PaddedBatch) -> torch.Tensor:
     return steps[None, :] < batch.lengths.to(batch.x.device)[:, None]
 
 
+class StepExamples:
+    """The sequences ``plots.step_examples`` draws, chosen while a split streams past in batches.
+
+    It draws the ``n // 2`` sequences of the largest mean error per step (the first by index on a
+    tie), then the first others. Kept: every sequence's mean error (one number each, as the
+    offsets are) and the per-step targets and predictions of the candidates so far (the ``n // 2``
+    worst seen, and sequences ``0..n-1``), not the split's per-step predictions.
+    """
+
+    def __init__(self, split: SplitArrays, n: int = 4) -> None:
+        self.split, self.n = split, n
+        self.errors = np.zeros(len(split))
+        self.worst: list[tuple[float, int]] = []  # (rank key, index) of the n // 2 worst so far
+        self.kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index -> (targets, predictions) per step
+
+    @staticmethod
+    def _key(error: float, i: int) -> tuple[float, int]:
+        """The order of ``np.argsort(-errors, kind="stable")``: the largest first, NaN last, ties by index."""
+        return (-error if not math.isnan(error) else math.inf, i)
+
+    def add(self, index: np.ndarray, batch: PaddedBatch, predictions: torch.Tensor) -> None:
+        """Sequences ``index`` of a batch: ``predictions`` per step, [b, T] classes or [b, T, K] values (CPU)."""
+        y, lengths = batch.y.cpu(), batch.lengths.numpy()
+        if predictions.dtype.is_floating_point:  # as step_examples: squared error, the mean over the K values
+            per_step = ((predictions - y) ** 2).reshape(*y.shape[:2], -1).mean(dim=2).double()
+        else:
+            per_step = (predictions != y).double()
+        flat = np.concatenate([per_step[row, :n].numpy() for row, n in enumerate(lengths)])
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self.errors[index] = np.add.reduceat(flat, starts) / lengths  # each sequence's sum, as step_examples adds it
+        self.worst = sorted(self.worst + [self._key(self.errors[i], i) for i in index.tolist()])[: self.n // 2]
+        wanted = {i for _, i in self.worst}
+        self.kept = {i: v for i, v in self.kept.items() if i in wanted or i < self.n}
+        for row, i in enumerate(index.tolist()):
+            if i in wanted or i < self.n:
+                n = lengths[row]  # copies: a view would hold the whole batch
+                self.kept[i] = (y[row, :n].numpy().copy(), predictions[row, :n].numpy().copy())
+
+    def chosen(self) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray, float]]:
+        """What ``plots.step_examples`` draws: (index, features, targets, predictions, error) of the worst
+        ``n // 2`` sequences, then the first others."""
+        worst = np.argsort(-self.errors, kind="stable")[: self.n // 2].tolist()
+        chosen = worst + [i for i in range(min(self.n, len(self.errors))) if i not in worst][: self.n - len(worst)]
+        return [(i, self.split.read_sequence(i), *self.kept[i], float(self.errors[i])) for i in chosen]
+
+
 class StepTargets(PreparedSequences):
-    """The shared evaluation loop: per-step outputs of every sequence, in the split's flat step order."""
+    """The shared evaluation loop: sums over every real step, batch by batch."""
 
     def step_sums(self, output: torch.Tensor, batch: PaddedBatch) -> dict[str, float]:
         """This batch's summed per-step figures (loss, and the task's own)."""
         raise NotImplementedError
 
+    def step_predictions(self, output: torch.Tensor) -> torch.Tensor:
+        """What the picture draws at each step: [b, T] classes or [b, T, K] values."""
+        raise NotImplementedError
+
+    def detail_sums(self, predictions: torch.Tensor, batch: PaddedBatch) -> dict[str, Any]:
+        """This batch's share of what the final test adds (a confusion matrix), from ``step_predictions`` (CPU)."""
+        return {}
+
     @torch.no_grad()
     def run_split(
-        self, module: nn.Module, split: SplitArrays, autocast: contextlib.AbstractContextManager, keep: bool
-    ) -> tuple[dict[str, float], torch.Tensor | None]:
-        """Summed figures over every real step, and (``keep``) the outputs [total_steps, ...] in split order."""
+        self, module: nn.Module, split: SplitArrays, autocast: contextlib.AbstractContextManager, detail: bool
+    ) -> tuple[dict[str, Any], StepExamples | None]:
+        """Summed figures over every real step; with ``detail``, ``detail_sums`` too and the drawn sequences."""
         was_training = module.training
         module.eval()
-        sums: dict[str, float] = {}
-        kept = None
+        sums: dict[str, Any] = {}
+        examples = StepExamples(split) if detail else None
         for index, batch in self.eval_batches(split):
             with autocast:
                 out = module(batch.x, batch.lengths).float()
-            for k, v in self.step_sums(out, batch).items():
-                sums[k] = sums.get(k, 0.0) + v
-            if keep:
-                out = out.cpu()
-                kept = torch.zeros((int(split.offsets[-1]), *out.shape[2:])) if kept is None else kept
-                for row, i in enumerate(index):
-                    start, stop = int(split.offsets[i]), int(split.offsets[i + 1])
-                    kept[start:stop] = out[row, : stop - start]
+            figures = self.step_sums(out, batch)
+            if examples is not None:
+                predictions = self.step_predictions(out).cpu()
+                examples.add(index, batch, predictions)
+                figures.update(self.detail_sums(predictions, batch))
+            for k, v in figures.items():
+                sums[k] = sums.get(k, 0) + v
         module.train(was_training)
-        return sums, kept
+        return sums, examples
 
     def pictures(self, result: dict[str, Any], split: SplitArrays) -> dict[str, Picture]:
         names = self.data.class_names or None
-        return {"test_sequences": lambda out: plots.step_examples(split, result["predictions"], out, names=names)}
+        examples: StepExamples = result["examples"]
+
+        def draw(out: Path) -> Path:
+            return plots.step_examples(examples.chosen(), out, names=names)
+
+        return {"test_sequences": draw}
 
 
 class StepClassification(StepTargets):
@@ -90,21 +154,25 @@ class StepClassification(StepTargets):
             "steps": float(real.sum()),
         }
 
+    def step_predictions(self, output: torch.Tensor) -> torch.Tensor:
+        return output.softmax(dim=-1).max(dim=-1).indices
+
+    def detail_sums(self, predictions: torch.Tensor, batch: PaddedBatch) -> dict[str, Any]:
+        classes = len(self.data.class_names)
+        y = batch.y.cpu()
+        cells = torch.where(y != IGNORE, y * classes + predictions, classes * classes)  # padding: one more cell
+        return {"confusion": torch.bincount(cells.flatten(), minlength=classes * classes + 1)[:-1]}
+
     def evaluate(
         self, module: nn.Module, split: SplitArrays, autocast: contextlib.AbstractContextManager, detail: bool = False
     ) -> dict[str, Any]:
         """Mean cross-entropy and accuracy over every real step of every sequence."""
-        sums, logits = self.run_split(module, split, autocast, keep=detail)
+        sums, examples = self.run_split(module, split, autocast, detail=detail)
         n = sums["steps"]
         result: dict[str, Any] = {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n, "samples": int(n)}
         if detail:
             classes = len(self.data.class_names)
-            probs = logits.softmax(dim=1).max(dim=1)
-            truth = torch.from_numpy(np.array(split.targets, dtype=np.int64))
-            result["confusion"] = torch.bincount(truth * classes + probs.indices, minlength=classes * classes).view(
-                classes, classes
-            )
-            result["predictions"], result["probabilities"] = probs.indices, probs.values
+            result["confusion"], result["examples"] = sums["confusion"].view(classes, classes), examples
         return result
 
     def pictures(self, result: dict[str, Any], split: SplitArrays) -> dict[str, Picture]:
@@ -149,16 +217,19 @@ class StepRegression(StepTargets):
             "values": float(real.sum()) * batch.y.shape[2],
         }
 
+    def step_predictions(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
     def evaluate(
         self, module: nn.Module, split: SplitArrays, autocast: contextlib.AbstractContextManager, detail: bool = False
     ) -> dict[str, Any]:
         """Mean squared error over every real step (and value) of every sequence; ``loss`` is the same."""
-        sums, out = self.run_split(module, split, autocast, keep=detail)
+        sums, examples = self.run_split(module, split, autocast, detail=detail)
         mse = sums["sse"] / sums["values"]
         result: dict[str, Any] = {"loss": mse, "mse": mse, "samples": int(split.offsets[-1])}
         if detail:
             result["mean_mse"] = sums["mean_sse"] / sums["values"]
-            result["predictions"] = out
+            result["examples"] = examples
         return result
 
     def report(self, result: dict[str, Any], split: SplitArrays) -> list[str]:
