@@ -41,6 +41,7 @@ SAFE = (
     "train.flush_denormals",  # CPU speed
     "train.tf32",  # GPU speed (matmul precision, like another world size's summation order)
     "train.cuda_graph",  # the same step, replayed
+    "train.precision",  # the same model's arithmetic on other hardware (a bf16 GPU run resumed on a CPU)
     "eval.",  # validation cadence and batch: what is measured, not what is trained
     "checkpoint.",  # save cadence, how many are kept
     "wandb.",

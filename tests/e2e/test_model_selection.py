@@ -112,5 +112,5 @@ def test_resume_refuses_another_validation_split_or_global_batch(tmp_path: Path,
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [
             f"error: checkpoint {ckpt} was trained with {key}={before}, the config says {now}; "
-            f"set {key}={before} or start a new run with another name="
+            f"set {key}={before} to resume that run, or start a new run with name=NEW"
         ]

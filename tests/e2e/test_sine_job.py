@@ -109,7 +109,7 @@ def test_resume_refuses_other_sequences_and_survives_a_precision_change(tmp_path
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines() == [
             f"error: checkpoint {ckpt} was trained with {key}={before}, the config says {now}; "
-            f"set {key}={before} or start a new run with another name="
+            f"set {key}={before} to resume that run, or start a new run with name=NEW"
         ]
     run_job([*SMALL, "train.precision=fp32", "train.max_steps=50", f"run_dir={run}"])  # bf16 -> fp32 mid-sequence
     assert latest_state(run)["global_step"] == 50

@@ -43,7 +43,6 @@ def _compare(state: dict, *overrides: str) -> resume.Changes:
         (["optim.lr=0.005"], ["optim.lr=0.5"], "optim.lr"),
         (["sched.name=onecycle"], ["sched.name=cosine"], "sched.name"),
         (["seed=0"], ["seed=1"], "seed"),
-        (["train.precision=fp32"], ["train.precision=bf16"], "train.precision"),
         (["train.epochs=4"], ["train.epochs=2"], "train.epochs"),  # shortened: the schedule would change shape
         (["model.dropout=0.0"], ["model.dropout=0.1"], "model.dropout"),
         (
@@ -84,6 +83,7 @@ def test_safe_settings_are_applied_and_reported():
         "wandb.mode=disabled",
         "dist.timeout_s=60",
         "train.log_every_steps=10",
+        "train.precision=bf16",
         "data.root=/elsewhere",
         "name=renamed",
         "run_dir=runs/default",
@@ -153,3 +153,20 @@ def test_an_automatic_restart_after_the_limit_stops_with_one_line_and_a_hand_rer
     resume.check_progress(tmp_path, 40, 3, DistInfo(), PATH)  # by hand: always goes on
     last = json.loads(metrics.read_text().splitlines()[-1])
     assert last["event"] == "start" and last["automatic"] is False
+
+
+def test_a_lengthened_run_takes_its_next_step_at_the_longer_schedules_lr(tmp_path: Path, mnist_root: Path):
+    from rnnddp.train.optim import lr_factor
+    from tests.conftest import in_process_trainer
+
+    short = in_process_trainer(mnist_root, tmp_path, ["model.hidden_size=8", "train.max_steps=4"])
+    short.fit()
+    state = short.state_dict()
+    longer = in_process_trainer(mnist_root, tmp_path, ["model.hidden_size=8", "train.max_steps=8"])
+    longer.load_state_dict(state)
+    sched = load_config([]).sched
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.005 * lr_factor(4, 8, sched), rel=1e-12)
+    assert longer.optimizer.param_groups[0]["lr"] != pytest.approx(0.005 * lr_factor(4, 4, sched), rel=1e-3)
+    same = in_process_trainer(mnist_root, tmp_path, ["model.hidden_size=8", "train.max_steps=4"])
+    same.load_state_dict(state)  # the same length: the very LR the run had
+    assert same.optimizer.param_groups[0]["lr"] == short.optimizer.param_groups[0]["lr"]
