@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import effective_train_steps, final_eval, latest_state, read_metrics, run_job
+from tests.conftest import effective_train_steps, final_eval, latest_state, read_metrics, run_job, worker_exit_codes
 from tests.e2e.test_multinode import ARGS  # 4 ranks vs 1 process, global batch 64 either way
 from tests.hosts import Host, read, start_hosts, two_hosts, wait_all
 
@@ -139,6 +139,10 @@ def test_a_cut_link_is_noticed_within_the_peer_timeout_and_exits_resumable(tmp_p
         assert "(exit 75)" in out
     latest = latest_state(run)["global_step"]
     assert cut_at - SAVE_EVERY - 5 <= latest <= cut_at + 5
-    resumed = run_job([*args, "train.max_steps=60"], nproc=2)  # resumable: on one host now
+    # Resumable, on one host now; stopped again soon after (a shorter run would be refused: a rerun's
+    # settings are the run's own), every step once.
+    resumed = run_job([*args, f"debug.stop_at_step={latest + 1}"], nproc=2, check=False)
     assert f"at step {latest}" in resumed.stdout
-    assert effective_train_steps(run) == list(range(1, 61))
+    assert worker_exit_codes(resumed.stdout + resumed.stderr) == [75, 75], resumed.stderr[-3000:]
+    stopped = latest_state(run)["global_step"]
+    assert stopped > latest and effective_train_steps(run) == list(range(1, stopped + 1))
