@@ -80,6 +80,7 @@ class SchedConfig:
 class EvalConfig:
     every_steps: int = 0  # > 0: also validate every N steps (always after each epoch)
     batch_size: int = 1000
+    plots: bool = True  # draw the final test's pictures (run_dir/plots, and W&B); false: skip them (seconds)
 
 
 @dataclass

@@ -184,6 +184,8 @@ def evaluate_on_test(built: Built, cfg: Any, info: DistInfo, run_dir: Path) -> d
     name = task.metric.name
     trainer.logger.log({"test/loss": result["loss"], f"test/{name}": result[name]}, trainer.global_step)
     trainer.logger.summary({f"test/{name}": result[name], "test/loss": result["loss"]})
+    if not cfg.eval.plots:
+        return result
     pictures = task.pictures(result, test)
     metrics = run_dir / "metrics.jsonl"
     written = write_plots(run_dir / "plots", pictures, metrics_path=metrics, metric=task.metric)
@@ -202,7 +204,7 @@ def run(cfg: Any, info: DistInfo) -> int:
     error: UserError | None = None
     if info.is_main:  # the places rank 0 writes, checked before any work (every rank hears of a failure)
         try:
-            for folder in (run_dir, manager.dir, run_dir / "plots"):
+            for folder in (run_dir, manager.dir, *([run_dir / "plots"] if cfg.eval.plots else [])):
                 require_writable(folder, "set run_dir= to a writable folder (or make this one writable)")
         except UserError as e:
             error = e
@@ -336,7 +338,7 @@ def _train_and_test(
                 **slurm,
                 **extra,
             )
-        if info.is_main:
+        if info.is_main and cfg.eval.plots:
             plots.preload()  # only rank 0 draws
         if trained:  # trained to the end before, but stopped before its final test
             log.info("run %s was trained to step %d; testing its final model", cfg.name, trainer.global_step)

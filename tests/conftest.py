@@ -41,7 +41,11 @@ def job_env() -> dict[str, str]:
 
 
 def job_cmd(args: list[str], nproc: int = 1, launcher: list[str] | None = None) -> list[str]:
-    """train_ddp.py for real: plain python for one process, torchrun (gloo) for several."""
+    """train_ddp.py for real: plain python for one process, torchrun (gloo) for several. The final test's
+    pictures are drawn only where a test says ``eval.plots=true`` (the tests that look at them): about 2 s
+    at the end of every finished run otherwise."""
+    if not any(a.startswith("eval.plots=") for a in args):
+        args = [*args, "eval.plots=false"]
     return launch.job_command(args, nproc, launcher)
 
 

@@ -134,7 +134,16 @@ def test_kmnist_job_trains_and_evaluates_on_tiny_files(tmp_path: Path):
     run = tmp_path / "run"
     args = ["data.dataset=kmnist", f"data.root={tmp_path / 'data'}", "data.view=columns", "model.hidden_size=8"]
     args.append("data.val_size=64")  # 192 training images left: 3 steps of 64
-    run_job([*args, "train.global_batch_size=64", "train.epochs=1", "wandb.mode=offline", f"run_dir={run}"])
+    run_job(
+        [
+            *args,
+            "train.global_batch_size=64",
+            "train.epochs=1",
+            "wandb.mode=offline",
+            "eval.plots=true",
+            f"run_dir={run}",
+        ]
+    )
     pictures = ["learning_curves.png", "confusion_matrix.png", "test_digits.png"]
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(pictures)
     logged_images = sorted(p.name.split("_3_")[0] for p in (run / "wandb").rglob("media/images/plots/*.png"))

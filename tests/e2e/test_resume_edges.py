@@ -37,6 +37,7 @@ def args(data: Path, run_dir: Path, *extra: str) -> list[str]:
         "train.log_every_steps=1",
         "model.hidden_size=8",
         "seed=3",
+        "eval.plots=false",
         *extra,
     ]
 
@@ -92,6 +93,7 @@ def test_a_stop_after_every_step_position_resumes_bit_exact(tmp_path: Path):
     stops = [m["step"] for m in read_metrics(chain) if m.get("event") == "stopped"]
     assert stops == list(range(1, total))
     assert wandb_steps(chain) == list(range(1, total + 1))
+    assert not (chain / "plots").exists()  # eval.plots=false: no pictures, not even their folder
     # Validation ran at every epoch's end, stopped there or not: the same results as the whole run.
     vals = [(m["step"], m["val/accuracy"]) for m in read_metrics(chain) if "val/accuracy" in m]
     whole = [(m["step"], m["val/accuracy"]) for m in read_metrics(tmp_path / "whole") if "val/accuracy" in m]

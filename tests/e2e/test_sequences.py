@@ -24,7 +24,7 @@ def test_japanese_vowels_trains_on_two_ranks_and_evaluates_with_class_names(vowe
     assert "9 classes" in prep.stdout
     # The shipped config, shortened (60 epochs reach about 0.97; docs/results.md has 3 seeds in full).
     args = ["--config", "configs/japanese_vowels.yaml", f"sequences.path={data}", "train.epochs=30"]
-    run_job([*args, f"run_dir={run}", "wandb.mode=offline", "train.log_every_steps=5"], nproc=2)
+    run_job([*args, f"run_dir={run}", "wandb.mode=offline", "train.log_every_steps=5", "eval.plots=true"], nproc=2)
     test = final_eval(run)["test/accuracy"]
     print(f"JapaneseVowels, 30 epochs, 2 ranks: test accuracy {test:.4f}")
     assert test >= 0.93

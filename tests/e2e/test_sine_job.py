@@ -43,7 +43,9 @@ def test_resume_in_the_middle_of_a_sequence_is_exact_and_survives_a_world_size_c
 
 def test_seed_sine_two_ranks_reaches_mse_bar_and_evaluate_agrees(tmp_path: Path):
     run = tmp_path / "run"
-    proc = run_job(["--config", "configs/seed_sine.yaml", "wandb.mode=offline", f"run_dir={run}"], nproc=2)
+    proc = run_job(
+        ["--config", "configs/seed_sine.yaml", "wandb.mode=offline", "eval.plots=true", f"run_dir={run}"], nproc=2
+    )
     mse = final_eval(run, "mse")["test/mse"]
     assert mse <= 0.01, proc.stdout[-2000:]
     assert [m for m in read_metrics(run) if "val/mse" in m]  # best.pt was picked on validation sequences

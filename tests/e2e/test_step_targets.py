@@ -18,7 +18,7 @@ from tests.sequence_files import step_sequences, write_csv, write_step_files
 pytestmark = pytest.mark.slow
 # A one-way LSTM: each step's class or values depend on the steps before it (tests/sequence_files.py).
 ARGS = ["model.cell=lstm", "model.hidden_size=32", "train.global_batch_size=32", "optim.lr=0.005",
-        "train.log_every_steps=25"]  # fmt: skip
+        "train.log_every_steps=25", "eval.plots=true"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def test_an_unwritable_run_directory_is_one_line_and_exit_2(tmp_path: Path, mnis
         run.mkdir()
         (run / blocked).write_text("a file, not a folder\n")
         where = run / blocked
-    line = _one_line(run_job([*SHORT, f"data.root={mnist_root}", f"run_dir={run}"], check=False))
+    line = _one_line(run_job([*SHORT, f"data.root={mnist_root}", f"run_dir={run}", "eval.plots=true"], check=False))
     assert line.startswith(f"error: cannot write in {where} (") and "set run_dir= to a writable folder" in line
     if blocked != "run_dir":
         assert (run / blocked).read_text() == "a file, not a folder\n"  # nothing overwritten
