@@ -48,7 +48,7 @@ def test_an_unwritable_extraction_cache_is_one_line(tmp_path: Path, mnist_root):
 
 def test_evaluate_with_an_unwritable_plots_folder_is_one_line_unless_told_not_to_draw(tmp_path: Path, mnist_root):
     run = tmp_path / "run"
-    run_job([*SHORT, "wandb.mode=disabled", f"data.root={mnist_root}", f"run_dir={run}"])
+    run_job([*SHORT, "wandb.mode=disabled", f"data.root={mnist_root}", f"run_dir={run}", "eval.plots=true"])
     for p in (run / "plots").iterdir():
         p.unlink()
     (run / "plots").rmdir()
