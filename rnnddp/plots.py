@@ -114,7 +114,7 @@ def confusion_matrix(confusion: torch.Tensor, out: Path, title: str = "", names:
 def sequence_examples(split: Any, predictions: torch.Tensor, names: list[str], out: Path, n: int = 8) -> Path:
     """A few test sequences as feature-by-step images, titled true / predicted; mistakes first."""
     plt = pyplot()
-    labels = torch.as_tensor(split.labels[:], dtype=torch.long)
+    labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))  # a copy: the mapped labels are read-only
     wrong = (predictions != labels).nonzero().flatten()[: n // 2]
     right = (predictions == labels).nonzero().flatten()[: n - len(wrong)]
     chosen = torch.cat([wrong, right]).tolist()
