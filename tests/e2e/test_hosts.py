@@ -7,9 +7,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import effective_train_steps, final_eval, latest_state, read_metrics, run_job, worker_exit_codes
 from tests.e2e.test_multinode import ARGS  # 4 ranks vs 1 process, global batch 64 either way
 from tests.hosts import Host, read, start_hosts, two_hosts, wait_all
+
+pytestmark = pytest.mark.system  # network namespaces: root and iproute2
 
 # A run that is still training when a host goes: W&B on (offline), as a user without a key has it.
 LONG = [

@@ -15,7 +15,7 @@ import pytest
 from bench.memory import GIB, MEMORY, big_prepared, memory_cgroup, train_args, watch_ranks
 from tests.conftest import REPO, final_eval, job_cmd, job_env, val_records
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # a cgroup v1 memory limit: root
 LIMIT = 3 * GIB // 2  # the job's memory: 1.5 GiB, page cache included
 SPLIT = 3 * GIB // 4  # the features of each split (train, validation, test)
 STEP_CLASSES = 10  # a class at every step: whole-split evaluation held its outputs per step and class

@@ -28,6 +28,8 @@ import torch
 from rnnddp.wandb_files import history, offline_runs
 from tests.conftest import REPO, effective_train_steps, final_eval, free_port, job_env, latest_state, read_metrics
 
+pytestmark = pytest.mark.system  # real SLURM daemons or network namespaces: root and system packages
+
 SLURM_DIR = REPO / "slurm"
 CLUSTER = SLURM_DIR / "ci_cluster.sh"
 SBATCH = SLURM_DIR / "train.sbatch"

@@ -18,6 +18,8 @@ from tests.e2e.test_slurm import Job, _cluster_script, _unavailable
 from tests.hosts import available, two_hosts
 from tests.slurm_hosts import Cluster, two_node_cluster
 
+pytestmark = pytest.mark.system  # real SLURM daemons or network namespaces: root and system packages
+
 STEPS = 200
 ARGS = [
     "--config",
