@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ import torch
 
 from rnnddp import launch
 from rnnddp.launch import REPO, free_port  # noqa: F401  (tests import them from here)
+
+# A suite started in the background (nohup, `cmd &` in a script, some CI runners) inherits SIGINT ignored,
+# and so would every job it starts: the tests that send Ctrl-C need the handler a terminal user has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The real MNIST: RNNDDP_TEST_DATA, else the shared copy beside the checkout (read-only in CI).
 DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -56,7 +62,16 @@ def run_job(
     proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    if check:
+        assert_clean_exit(proc.stdout + proc.stderr)
     return proc
+
+
+def assert_clean_exit(output: str) -> None:
+    """A job that exited 0 left cleanly: no rank aborted in its teardown (a C++ ``terminate called`` from a
+    process group torn down under a thread) and no traceback. Every finished job of the suite is held to it."""
+    for sign in ("terminate called", "Traceback"):
+        assert sign not in output, f"a finished job printed {sign!r}:\n{output[-3000:]}"
 
 
 def run_cli(module: str, *args: object, timeout: int = 300) -> subprocess.CompletedProcess:

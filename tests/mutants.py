@@ -176,7 +176,7 @@ MUTANTS = [
         "rnnddp/job.py",
         'run_id = state.get("wandb_run_id") if state else new_run_id()',
         "run_id = new_run_id()",
-        ("tests/e2e/test_ddp.py::test_wandb_offline_run_id_survives_resume",),
+        ("tests/e2e/test_ddp.py::test_resume_auto_continues_and_finished_run_exits_0",),
     ),
     Mutant(
         "grad_clip",

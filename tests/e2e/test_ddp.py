@@ -29,16 +29,26 @@ def _params_close(a: dict, b: dict, atol: float) -> float:
     return worst
 
 
+EQUIV = ["train.max_steps=20", "optim.lr=0.01", "sched.name=cosine"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, mnist_root) -> dict:
+    """The 1-process reference of the equivalence tests, trained once."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    run_job([*SHORT, *EQUIV, f"data.root={mnist_root}", f"run_dir={run}"], nproc=1)
+    return latest_state(run)
+
+
 @pytest.mark.parametrize("grad_sync", ["auto", "allreduce"])  # auto = one all-gather on gloo
-def test_two_ranks_match_one_process(tmp_path: Path, mnist_root, grad_sync: str):
+def test_two_ranks_match_one_process(tmp_path: Path, mnist_root, one_process, grad_sync: str):
     # Same seed and global batch: gradients averaged over 2 shards == one process on the batch.
-    args = [*SHORT, f"data.root={mnist_root}", "train.max_steps=20", "optim.lr=0.01", "sched.name=cosine"]
-    run_job([*args, f"run_dir={tmp_path}/w1"], nproc=1)
+    args = [*SHORT, *EQUIV, f"data.root={mnist_root}"]
     two_proc = run_job([*args, f"dist.grad_sync={grad_sync}", f"run_dir={tmp_path}/w2"], nproc=2)
     # auto on gloo with 2 ranks is the all-gather (see the bit-for-bit test below for what it gives).
     expected = {"auto": "allgather", "allreduce": "allreduce"}[grad_sync]
     assert f"gradients by {expected}" in two_proc.stdout, two_proc.stdout[-2000:]
-    one, two = latest_state(tmp_path / "w1"), latest_state(tmp_path / "w2")
+    one, two = one_process, latest_state(tmp_path / "w2")
     assert one["global_step"] == two["global_step"] == 20
     assert two["world_size"] == 2 and len(two["rng"]) == 2
     _params_close(one, two, atol=1e-5)
@@ -118,6 +128,8 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path: Path, mnist_root):
 
 
 def test_resume_auto_continues_and_finished_run_exits_0(tmp_path: Path, mnist_root):
+    """resume=auto continues a run bit for bit, in the same W&B run (offline: each step once over the two
+    sessions, with the values logged); a rerun of the finished run does nothing and opens no W&B session."""
     args = [
         *SHORT,
         f"data.root={mnist_root}",
@@ -127,17 +139,29 @@ def test_resume_auto_continues_and_finished_run_exits_0(tmp_path: Path, mnist_ro
         "train.log_every_steps=5",
     ]
     run_job([*args, "train.max_steps=25", f"run_dir={tmp_path}/a"], nproc=2)
-    run_job([*args, "train.max_steps=15", f"run_dir={tmp_path}/b"], nproc=2)
-    proc = run_job([*args, "train.max_steps=25", f"run_dir={tmp_path}/b"], nproc=2)  # resume=auto
+    b = tmp_path / "b"
+    args_b = [*args, "wandb.mode=offline", f"run_dir={b}"]
+    run_job([*args_b, "train.max_steps=15"], nproc=2)
+    first = latest_state(b)["wandb_run_id"]
+    proc = run_job([*args_b, "train.max_steps=25"], nproc=2)  # resume=auto, lengthened
     assert "resuming from" in proc.stdout and "step 15" in proc.stdout
-    a, b = latest_state(tmp_path / "a"), latest_state(tmp_path / "b")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    train_steps = [m["step"] for m in read_metrics(tmp_path / "b") if "train/loss" in m]
+    final_a, final_b = latest_state(tmp_path / "a"), latest_state(b)
+    for k in final_a["model"]:
+        assert torch.equal(final_a["model"][k], final_b["model"][k]), k
+    train_steps = [m["step"] for m in read_metrics(b) if "train/loss" in m]
     assert train_steps == [5, 10, 15, 20, 25]  # none lost, none twice
-    again = run_job([*args, "train.max_steps=25", f"run_dir={tmp_path}/b"], nproc=2)
+    again = run_job([*args_b, "train.max_steps=25"], nproc=2)
     assert "already finished at step 25" in again.stdout
-    assert [m["step"] for m in read_metrics(tmp_path / "b") if "train/loss" in m] == train_steps
+    assert [m["step"] for m in read_metrics(b) if "train/loss" in m] == train_steps
+    # W&B: one run, two sessions, read back from its files: each step once, with what was logged.
+    assert final_b["wandb_run_id"] == first
+    files = offline_runs(b)
+    assert len(files) == 2 and all(f.name == f"run-{first}.wandb" for f in files), files
+    rows = [row for f in files for row in history(f)]
+    assert [int(r["_step"]) for r in rows] == train_steps, rows
+    logged = {m["step"]: m["train/loss"] for m in read_metrics(b) if "train/loss" in m}
+    assert [float(r["train/loss"]) for r in rows] == pytest.approx([logged[s] for s in train_steps], rel=1e-6)
+    assert "val/accuracy" in rows[2] and "test/accuracy" in rows[-1]
 
 
 def test_world_size_change_on_resume_keeps_the_data_position(tmp_path: Path, mnist_root):
@@ -214,23 +238,6 @@ def test_accelerate_launch_trains_on_cpu(tmp_path: Path, mnist_root):
     assert state["world_size"] == 2 and state["global_step"] == 60
     assert "precision bf16" in proc.stdout
     assert final_eval(tmp_path / "run")["test/accuracy"] > 0.5  # 60 steps already learn something
-
-
-def test_wandb_offline_run_id_survives_resume(tmp_path: Path, mnist_root):
-    run = tmp_path / "run"
-    args = [*SHORT, f"data.root={mnist_root}", "wandb.mode=offline", "train.log_every_steps=5", f"run_dir={run}"]
-    run_job([*args, "train.max_steps=5"], nproc=2)
-    first = latest_state(run)["wandb_run_id"]
-    run_job([*args, "train.max_steps=10"], nproc=2)
-    assert latest_state(run)["wandb_run_id"] == first
-    files = offline_runs(run)
-    assert len(files) == 2 and all(f.name == f"run-{first}.wandb" for f in files), files  # one W&B run, two sessions
-    # What W&B holds, read back from its files: each step once over both sessions, with what was logged there.
-    rows = [row for f in files for row in history(f)]
-    assert [int(r["_step"]) for r in rows] == [5, 10], rows
-    assert all("train/loss" in r and "val/accuracy" in r and "test/accuracy" in r for r in rows)
-    logged = {m["step"]: m["train/loss"] for m in read_metrics(run) if "train/loss" in m}
-    assert [float(r["train/loss"]) for r in rows] == pytest.approx([logged[5], logged[10]], rel=1e-6)
 
 
 def test_rank_zero_work_longer_than_the_peer_timeout_is_waited_for(tmp_path: Path, mnist_root):

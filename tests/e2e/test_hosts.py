@@ -15,11 +15,12 @@ from tests.hosts import Host, read, start_hosts, two_hosts, wait_all
 
 pytestmark = pytest.mark.system  # network namespaces: root and iproute2
 
-# A run that is still training when a host goes: W&B on (offline), as a user without a key has it.
+# A run that is still training when a host goes (at step 30 or so): W&B on (offline), as a user without a key has it.
+STEPS = 120
 LONG = [
     "model.hidden_size=32",
     "train.global_batch_size=64",
-    "train.max_steps=400",
+    f"train.max_steps={STEPS}",
     "train.log_every_steps=1",
     "checkpoint.every_steps=10",
     "wandb.mode=offline",
@@ -115,8 +116,8 @@ def test_a_killed_host_is_noticed_and_the_survivor_restarts_smaller_and_finishes
         f"restarted on 2 ranks at step {resume[0]['step']} ({lost_steps} step(s) redone)"
     )
     assert 0 <= lost_steps <= SAVE_EVERY + 5  # the kill lands a few steps after the poll saw killed_at
-    assert effective_train_steps(run) == list(range(1, 401))  # none lost, none done twice
-    assert final_eval(run)["step"] == 400
+    assert effective_train_steps(run) == list(range(1, STEPS + 1))  # none lost, none done twice
+    assert final_eval(run)["step"] == STEPS
 
 
 def test_a_cut_link_is_noticed_within_the_peer_timeout_and_exits_resumable(tmp_path: Path, mnist_root: Path):

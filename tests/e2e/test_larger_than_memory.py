@@ -42,8 +42,7 @@ def test_a_data_set_larger_than_the_memory_limit_trains_validates_and_tests_on_t
     with memory_cgroup(LIMIT) as group, log.open("w") as output:
         enter = group / "cgroup.procs"
         proc = subprocess.Popen(
-            # The defaults users get, pictures included (with eval.plots=false the ranks' own memory peaked
-            # higher here, 1.21 against 1.10 GiB, and a rank was OOM-killed: not understood yet).
+            # The defaults users get, pictures included.
             job_cmd([*train_args(data, run, "step_classification"), "eval.plots=true"], nproc=2),
             env=job_env(),
             cwd=REPO,

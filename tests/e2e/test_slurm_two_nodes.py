@@ -20,7 +20,7 @@ from tests.slurm_hosts import Cluster, two_node_cluster
 
 pytestmark = pytest.mark.system  # real SLURM daemons or network namespaces: root and system packages
 
-STEPS = 200
+STEPS = 100  # a requeue and an exact resume do not depend on the run's length
 ARGS = [
     "--config",
     "configs/seed_lstm.yaml",
