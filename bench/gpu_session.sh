@@ -33,6 +33,6 @@ step throughput_cuda_graph_fp32 60 "$py" -m bench.throughput --root "$root" --hi
   --out "$out/throughput_cuda_graph_fp32.json"
 # Variable-length batches on cuDNN: bucketed vs random vs fixed length, padded vs packed.
 step sequences 60 "$py" -m bench.sequences --device cuda --steps 50
-step pytest_gpu 170 "$py" -m pytest -q -rs -p no:cacheprovider tests/e2e/test_gpu.py
+step pytest_gpu 170 "$py" -m pytest -q -rs -n 0 -p no:cacheprovider tests/e2e/test_gpu.py
 step smnist 110 "$py" -m torch.distributed.run --nproc_per_node=1 train_ddp.py --config configs/smnist.yaml \
   "data.root=$root" wandb.mode=disabled run_dir=/tmp/rnnddp_smnist_gpu

@@ -25,6 +25,23 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Two workers (pytest-xdist, ``-n 2 --dist loadgroup`` in pyproject.toml): half the suite's time is
+    waiting (process start-up, SLURM's scheduler, peer timeouts), so a second test runs beside it. Each
+    end-to-end module stays on one worker (its module fixtures train once); the ``system`` tests form one
+    group, run one after another (one SLURM cluster, one set of namespaces at a time) and first, beside
+    the CPU-bound rest."""
+    for item in items:
+        if "/unit/" in item.nodeid:
+            item.add_marker(pytest.mark.quick)  # the quick tier: every unit test and the core e2e checks
+        if item.get_closest_marker("system"):
+            item.add_marker(pytest.mark.xdist_group("system"))
+        elif "/e2e/" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("system") is None)  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     if not (DATA_ROOT / "MNIST" / "raw").is_dir():

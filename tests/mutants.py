@@ -473,7 +473,7 @@ def run(m: Mutant, timeout: float) -> tuple[str, float, str]:
         apply(m, root)
         env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
         env.setdefault("RNNDDP_TEST_DATA", str(DATA_ROOT))  # the copy has no ../shared beside it
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests]
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *m.tests]
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

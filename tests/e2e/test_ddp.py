@@ -40,6 +40,7 @@ def one_process(tmp_path_factory: pytest.TempPathFactory, mnist_root) -> dict:
     return latest_state(run)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("grad_sync", ["auto", "allreduce"])  # auto = one all-gather on gloo
 def test_two_ranks_match_one_process(tmp_path: Path, mnist_root, one_process, grad_sync: str):
     # Same seed and global batch: gradients averaged over 2 shards == one process on the batch.
@@ -101,6 +102,7 @@ def test_allgather_hook_gives_every_rank_the_same_mean_bit_for_bit(tmp_path: Pat
     assert any(g.abs().max() > 0 for g in r0["synced"])
 
 
+@pytest.mark.quick
 def test_resume_mid_epoch_is_bitwise_exact(tmp_path: Path, mnist_root):
     # Dropout (2 layers) and a cosine schedule: exact only if RNG, optimiser and schedule come back.
     args = [

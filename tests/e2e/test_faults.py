@@ -167,6 +167,7 @@ def test_workers_stop_with_a_checkpoint_when_torchrun_alone_is_killed(tmp_path: 
     _assert_same_as(reference, run)
 
 
+@pytest.mark.quick
 def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path: Path, mnist_root, reference):
     rng = random.Random()
     # The kill must land before the job's last step; on a loaded machine the poll can lag, so
@@ -237,6 +238,7 @@ def test_stop_signal_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_pa
     _assert_same_as(reference, run)
 
 
+@pytest.mark.quick
 def test_one_process_stops_at_the_next_step_and_exits_75(tmp_path: Path, mnist_root):
     run = tmp_path / "run"
     args = [*ARGS, "checkpoint.every_steps=0", f"data.root={mnist_root}", f"run_dir={run}"]

@@ -16,7 +16,7 @@ from tests.hosts import Host, read, start_hosts, two_hosts, wait_all
 pytestmark = pytest.mark.system  # network namespaces: root and iproute2
 
 # A run that is still training when a host goes (at step 30 or so): W&B on (offline), as a user without a key has it.
-STEPS = 120
+STEPS = 80
 LONG = [
     "model.hidden_size=32",
     "train.global_batch_size=64",
