@@ -70,7 +70,9 @@ def test_a_dist_error_from_a_bug_exits_1_with_its_traceback_not_75(tmp_path: Pat
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "lost contact with another rank" not in out, out[-3000:]
-    # Each rank's traceback, ending in the real error; torchrun reports both workers' exit 1.
+    # Tracebacks (a rank's and torchrun's report), ending in the real error.
     assert out.count("Traceback (most recent call last)") >= 2, out[-3000:]
     assert "QueueEmptyError: queue is empty" in out, out[-3000:]
-    assert worker_exit_codes(out) == [1, 1], out[-3000:]
+    # Each rank raises; the first to exit 1 makes torchrun stop the other (-15) if it has not exited yet.
+    codes = worker_exit_codes(out)
+    assert 1 in codes and set(codes) <= {1, -15}, (codes, out[-3000:])
