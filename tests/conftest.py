@@ -30,8 +30,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Two workers (pytest-xdist, ``-n 2 --dist loadgroup`` in pyproject.toml): half the suite's time is
     waiting (process start-up, SLURM's scheduler, peer timeouts), so a second test runs beside it. Each
     end-to-end module stays on one worker (its module fixtures train once); the ``system`` tests form one
-    group, run one after another (one SLURM cluster, one set of namespaces at a time) and first, beside
-    the CPU-bound rest."""
+    group, run one after another (one SLURM cluster, one set of namespaces at a time), beside the
+    CPU-bound rest."""
     for item in items:
         if "/unit/" in item.nodeid:
             item.add_marker(pytest.mark.quick)  # the quick tier: every unit test and the core e2e checks
@@ -39,7 +39,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("system"))
         elif "/e2e/" in item.nodeid:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("system") is None)  # stable: file order otherwise
+
+    # Longest first, so that no long test starts last (xdist runs the groups in this order with
+    # --no-loadscope-reorder): the system group, the e2e modules that train to a bar or run many jobs
+    # (slow), the other e2e modules, then the unit tests, which fill the gaps at the end.
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("system"):
+            return 0
+        if "/e2e/" in item.nodeid:
+            return 1 if item.get_closest_marker("slow") else 2
+        return 3
+
+    items.sort(key=rank)  # stable: file order within each rank
 
 
 @pytest.fixture(scope="session")

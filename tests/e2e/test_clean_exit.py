@@ -14,7 +14,7 @@ from tests.conftest import assert_clean_exit, final_eval, run_job
 
 pytestmark = pytest.mark.slow
 ARGS = ["model.hidden_size=32", "train.global_batch_size=64", "train.max_steps=10", "eval.batch_size=2500"]
-JOBS = 4
+JOBS = 2
 
 
 def test_finished_two_rank_jobs_run_two_at_a_time_all_exit_0(tmp_path: Path, mnist_root):
