@@ -118,6 +118,9 @@ class DebugConfig:
     fail_rank: int = 0
     nonfinite_from_step: int = 0  # > 0: the loss is NaN from this step on (tests divergence handling)
     stop_at_step: int = 0  # > 0: rank fail_rank sends itself the first of train.stop_signals after this step
+    # > 0: every rank sleeps this long after each step, so a signal sent from outside (a scheduler's
+    # preemption in a test) lands mid-run however fast the machine is
+    step_delay_s: float = 0.0
 
 
 @dataclass
@@ -198,6 +201,7 @@ NON_NEGATIVE = (
     "debug.fail_rank",
     "debug.nonfinite_from_step",
     "debug.stop_at_step",
+    "debug.step_delay_s",
     "dist.max_stalled_restarts",
 )
 # Keys of earlier versions -> their place now (None: dropped), applied to a checkpoint's stored config.

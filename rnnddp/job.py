@@ -147,6 +147,7 @@ def build_trainer(
     hooks = [
         faults.kill_after_step(debug.fail_at_step, debug.fail_rank, info.rank),
         faults.stop_after_step(debug.stop_at_step, debug.fail_rank, info.rank, list(train.stop_signals)),
+        faults.pace(debug.step_delay_s),
     ]
     trainer = Trainer(
         train,

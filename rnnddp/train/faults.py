@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,5 +55,16 @@ def stop_after_step(
         if step == stop_at_step:
             log.warning("debug.stop_at_step: sending %s to rank %d after step %d", sig.name, rank, step)
             os.kill(os.getpid(), sig)
+
+    return hook
+
+
+def pace(step_delay_s: float) -> Callable[[int], None] | None:
+    """A per-step hook that sleeps ``step_delay_s`` after each step; None when not asked for."""
+    if step_delay_s <= 0:
+        return None
+
+    def hook(step: int) -> None:
+        time.sleep(step_delay_s)
 
     return hook

@@ -44,8 +44,8 @@ def cluster() -> Iterator[Cluster]:
         yield c
 
 
-def _submit(cluster: Cluster, folder: Path, mnist_root: Path) -> Job:
-    return Job(cluster.env, folder, mnist_root, ARGS, wrap=cluster.command, sbatch=["--nodes=2"])
+def _submit(cluster: Cluster, folder: Path, mnist_root: Path, *extra: str) -> Job:
+    return Job(cluster.env, folder, mnist_root, [*ARGS, *extra], wrap=cluster.command, sbatch=["--nodes=2"])
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +68,11 @@ def _same_parameters(job: Job, reference: Job) -> None:
 
 
 def test_usr1_on_two_nodes_requeues_and_resumes_exactly(cluster: Cluster, tmp_path: Path, mnist_root, reference):
-    job = _submit(cluster, tmp_path, mnist_root)
-    job.wait_for_step(30)
+    # Paced (0.2 s a step after step 1, parameters unchanged): the signal travels scancel -> slurmd -> the
+    # batch script -> srun -> 4 ranks on 2 nodes, and must land before the 100-step run ends on a fast machine.
+    job = _submit(cluster, tmp_path, mnist_root, "debug.step_delay_s=0.2")
     job.wait_for_wandb()
+    job.wait_for_step(20)
     job.signal("USR1")
     final = job.wait()
     out = job.output()
