@@ -190,8 +190,8 @@ MUTANTS = [
         "carried_state",
         "the sine task carries the hidden state from chunk to chunk",
         "rnnddp/tasks/sine_regression.py",
-        "        self.carry = detach_state(state)",
-        "        self.carry = None",
+        "        self.carried.keep(state)",
+        "        self.carried.reset()",
         ("tests/unit/test_sine.py::test_the_loss_carries_the_hidden_state_into_the_next_chunk",),
     ),
     Mutant(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from rnnddp import dist, plots
+from rnnddp import plots
 from rnnddp.data.batches import Split, check_batch, rank_batches
 from rnnddp.errors import UserError
 from rnnddp.metrics import Metric
 from rnnddp.models import regressor_args
 from rnnddp.tasks.base import Picture, Splits, Task
+from rnnddp.train.carry import CarriedState, interleaved_rows
 
 DT = math.pi / 10  # the seed program's spacing: 10 steps per pi
 VAL_SEED = 1_000_033  # validation phases: one fixed set, apart from the test set's
@@ -106,37 +107,6 @@ class ChunkBatches:
             yield x[:, t], y[:, t], chunk == 0
 
 
-def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: Any) -> Any:
-    """Apply ``fn`` to a hidden state: None, a tensor, or an LSTM's (h, c) pair."""
-    if state is None:
-        return None
-    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
-
-
-def detach_state(state: Any) -> Any:
-    """Cut the graph behind a carried hidden state, kept in fp32.
-
-    fp32 whatever autocast produced (bf16, or fp16 from cuDNN): the cast back under autocast is
-    exact, and a checkpoint taken mid-sequence then resumes under any precision.
-    """
-    return map_state(lambda s: s.detach().float(), state)
-
-
-def merge_states(per_rank: list[Any]) -> Any:
-    """Every rank's carried state -> the global batch's, in global order (rank r held r, r+W, ...)."""
-    if per_rank[0] is None:
-        return None
-    if isinstance(per_rank[0], tuple):
-        return tuple(merge_states([s[k] for s in per_rank]) for k in range(len(per_rank[0])))
-    stacked = torch.stack(per_rank, dim=2)  # [layers, b, W, H]: local j of rank r is global j*W + r
-    return stacked.flatten(1, 2)
-
-
-def rank_state(state: Any, rank: int, world_size: int, device: torch.device) -> Any:
-    """This rank's slice of a global carried state (the inverse of ``merge_states``)."""
-    return map_state(lambda s: s[:, rank::world_size].contiguous().to(device), state)
-
-
 def sine_prediction(
     inputs: torch.Tensor, targets: torch.Tensor, predictions: torch.Tensor, out: Path, n: int = 3
 ) -> Path:
@@ -185,7 +155,8 @@ class SineRegression(Task):
 
     def __init__(self, cfg: Any, info: Any) -> None:
         super().__init__(cfg, info)
-        self.carry: Any = None  # the hidden state carried into the next chunk
+        # The state carried into the next chunk; rank r holds sequences r, r+W, ... of each global batch.
+        self.carried = CarriedState(info, cfg.train.global_batch_size, interleaved_rows)
 
     def model_args(self) -> dict:
         return regressor_args(self.cfg.model)
@@ -207,8 +178,8 @@ class SineRegression(Task):
     def loss(self, model: nn.Module, batch: Any, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
         x, y, new_sequence = batch
         with autocast:
-            out, state = model(x, None if new_sequence else self.carry)
-        self.carry = detach_state(state)  # truncated BPTT: no gradient into earlier chunks
+            out, state = model(x, None if new_sequence else self.carried.state)
+        self.carried.keep(state)  # truncated BPTT: detached, no gradient into earlier chunks
         return F.mse_loss(out.float(), y)
 
     @torch.no_grad()
@@ -242,12 +213,10 @@ class SineRegression(Task):
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        # Mid-sequence: the carried state of the whole global batch, in its order.
-        per_rank = dist.gather_objects(map_state(torch.Tensor.cpu, self.carry), self.info)
-        return {"carry": merge_states(per_rank)}
+        return self.carried.state_dict()  # mid-sequence: the whole global batch's state, in its order
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.carry = rank_state(state.get("carry"), self.info.rank, self.info.world_size, self.info.device)
+        self.carried.load_state_dict(state)
 
     def pictures(self, result: dict[str, Any], split: Split) -> dict[str, Picture]:
         preds = result["predictions"]

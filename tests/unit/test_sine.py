@@ -11,7 +11,8 @@ import torch
 
 from rnnddp.config import load_config
 from rnnddp.models import build_model, regressor_args
-from rnnddp.tasks.sine_regression import ChunkBatches, make_split, make_splits, merge_states, rank_state
+from rnnddp.tasks.sine_regression import ChunkBatches, make_split, make_splits
+from rnnddp.train.carry import block_rows, interleaved_rows, merge_states, slice_state
 from tests.conftest import REPO, job_env
 
 CPU = torch.device("cpu")
@@ -76,14 +77,17 @@ def test_carried_state_survives_any_change_of_world_size(cell: str):
     layers, batch, hidden = 2, 12, 5
     h = torch.randn(layers, batch, hidden)
     state = (h, torch.randn_like(h)) if cell == "lstm" else h
-    for world in (1, 2, 3, 4):
-        parts = [rank_state(state, r, world, CPU) for r in range(world)]
-        merged = merge_states(parts)
-        for a, b in zip(merged if cell == "lstm" else [merged], state if cell == "lstm" else [state], strict=True):
-            assert torch.equal(a, b)
-    # Two ranks' local sample j is global sample 2j + r.
-    assert torch.equal(rank_state(h, 1, 2, CPU), h[:, 1::2])
-    assert merge_states([None, None]) is None
+    for rows in (interleaved_rows, block_rows):
+        for world in (1, 2, 3, 4):
+            owned = [rows(r, world, batch) for r in range(world)]
+            parts = [slice_state(state, o, CPU) for o in owned]
+            merged = merge_states(parts, owned, batch)
+            for a, b in zip(merged if cell == "lstm" else [merged], state if cell == "lstm" else [state], strict=True):
+                assert torch.equal(a, b)
+    # Two ranks' local sample j is global sample 2j + r (sine); a block of stripes each (language model).
+    assert torch.equal(slice_state(h, interleaved_rows(1, 2, batch), CPU), h[:, 1::2])
+    assert torch.equal(slice_state(h, block_rows(1, 2, batch), CPU), h[:, 6:])
+    assert merge_states([None, None], [interleaved_rows(r, 2, batch) for r in range(2)], batch) is None
 
 
 def test_model_predicts_every_step_and_the_config_refuses_what_cannot_work():
@@ -135,10 +139,12 @@ def test_the_loss_carries_the_hidden_state_into_the_next_chunk():
     ctx = contextlib.nullcontext()
     task.loss(model, first, ctx)
     _, state = model(first[0])
-    assert task.carry is not None and all(torch.equal(a, b) for a, b in zip(task.carry, state, strict=True))
+    assert task.carried.state is not None and all(
+        torch.equal(a, b) for a, b in zip(task.carried.state, state, strict=True)
+    )
     loss = task.loss(model, second, ctx)
     carried, _ = model(second[0], state)
     from_zero, _ = model(second[0])
     assert torch.allclose(loss, F.mse_loss(carried, second[1]))
     assert not torch.allclose(loss, F.mse_loss(from_zero, second[1]))
-    assert not task.carry[0].requires_grad  # detached: no gradient into earlier chunks
+    assert not task.carried.state[0].requires_grad  # detached: no gradient into earlier chunks
