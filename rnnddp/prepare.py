@@ -1,8 +1,14 @@
-"""Prepare your own sequences for training: ``.ts`` (UEA/UCR) or ``.npz`` files -> one memory-mapped folder.
+"""Prepare your own data for training: sequences (``.ts`` (UEA/UCR) or ``.npz`` files) or text -> one folder.
 
     rnnddp-prepare --train TRAIN.ts --test TEST.ts --out data/mine        # validation carved from train
     rnnddp-prepare --train a.npz --val b.npz --test c.npz --out data/mine
+    rnnddp-prepare --text input.txt --tokenizer char --out data/shakespeare    # val, test: the last 10%
+    rnnddp-prepare --text train.txt --val valid.txt --test test.txt --tokenizer {char,word,bpe} [--vocab-size N] --out DIR
     python -m rnnddp.prepare --help
+
+Text (``--text``, UTF-8): tokens of a character, word (PTB's ``<eos>``/``<unk>``) or byte-level BPE tokenizer,
+memory-mapped per split; without ``--val``/``--test`` the last 10% of the file becomes validation and
+test (5% each, in order, cut after a newline). ``rnnddp.data.text`` has the details.
 
 Targets: a class per sequence (``.ts``, or ``.npz`` ``y`` of ``[N]``), or per-step targets
 (``.npz``): a class at every step (integers or strings) or values at every step (floats).
@@ -34,6 +40,7 @@ import numpy as np
 
 from rnnddp.data.readers import FILL_MISSING, FillMissing, Sequences, read_sequences
 from rnnddp.data.sequences import TARGET_KINDS, SplitArrays, open_prepared, pack, write_prepared
+from rnnddp.data.text import TOKENIZERS, open_text, prepare_text
 from rnnddp.errors import UserError
 
 VAL_SEED = 20260601  # the same draw every time: one validation split per data set
@@ -159,10 +166,21 @@ def _label_key(label: str) -> tuple[int, float | str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rnnddp-prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", type=Path, required=True, help="training sequences (.ts or .npz)")
-    p.add_argument("--test", type=Path, required=True, help="test sequences (.ts or .npz)")
-    p.add_argument("--val", type=Path, help="validation sequences; default: carved from --train")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class carved from train (0.2)")
+    p.add_argument("--train", type=Path, help="training sequences (.ts or .npz)")
+    p.add_argument("--test", type=Path, help="test sequences (.ts or .npz), or test text with --text")
+    p.add_argument(
+        "--val", type=Path, help="validation sequences, or text with --text; default: carved from the training data"
+    )
+    p.add_argument("--val-fraction", type=float, help="share of each class carved from train (0.2)")
+    p.add_argument("--text", type=Path, metavar="FILE", help="training text (UTF-8): prepare text, not sequences")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, help="with --text: char (default), word or bpe")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        help="with --text: word: the N - 2 most frequent training words plus <unk>, <eos> (default: every word); "
+        "bpe: merges up to N tokens (4096)",
+    )
     p.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
     p.add_argument(
         "--fill-missing",
@@ -173,7 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     try:
-        out = prepare(a.train, a.test, a.out, a.val, a.val_fraction, a.fill_missing)
+        if a.text is not None:
+            return _main_text(a)
+        if a.tokenizer is not None or a.vocab_size is not None:
+            raise UserError("--tokenizer and --vocab-size apply to text: give --text FILE")
+        if a.train is None or a.test is None:
+            raise UserError(
+                "give --train FILE and --test FILE (sequences), or --text FILE (text); see rnnddp-prepare --help"
+            )
+        val_fraction = 0.2 if a.val_fraction is None else a.val_fraction
+        out = prepare(a.train, a.test, a.out, a.val, val_fraction, a.fill_missing)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -188,6 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     if "fill_missing" in m["source"]:
         filled = ", ".join(f"{k} {v}" for k, v in m["source"]["filled_values"].items())
         print(f"  filled missing values inside sequences with --fill-missing {m['source']['fill_missing']}: {filled}")
+    return 0
+
+
+def _main_text(a: argparse.Namespace) -> int:
+    """``--text``: tokenize, write, print one summary (a UserError goes to ``main``)."""
+    if a.train is not None:
+        raise UserError("give --text FILE (text) or --train FILE (sequences), not both")
+    if a.val_fraction is not None or a.fill_missing is not None:
+        raise UserError(
+            "--val-fraction and --fill-missing apply to sequences; text carves its last 10% (or give --val)"
+        )
+    out = prepare_text(a.text, a.out, a.tokenizer or "char", a.vocab_size, a.val, a.test)
+    data = open_text(out)
+    print(f"wrote {out}: {data.tokenizer.describe()}")
+    for name, st in data.manifest["splits"].items():
+        print(f"  {name:5s} {st['tokens']:8d} tokens ({st['characters']} characters)")
     return 0
 
 

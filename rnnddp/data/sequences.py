@@ -30,9 +30,10 @@ import torch
 
 from rnnddp.data.batches import check_batch
 from rnnddp.data.buckets import POOL, bucketed_batches, rank_share
+from rnnddp.data.formats import SEQUENCES_FORMAT, TEXT_FORMAT
 from rnnddp.errors import UserError
 
-FORMAT = "rnnddp-sequences"
+FORMAT = SEQUENCES_FORMAT
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 # The manifest's "target" kinds, and what each holds in words (for messages).
@@ -186,7 +187,7 @@ class SequenceBatches:
                 int(self.lengths[batches[step]].sum()),
             )
 
-    def window_metrics(self) -> dict[str, float]:
+    def window_metrics(self, elapsed: float) -> dict[str, float]:
         fraction = 1.0 - self._real / self._padded if self._padded else 0.0
         self._real = self._padded = 0
         return {"train/pad_fraction": fraction}
@@ -357,6 +358,10 @@ def open_prepared(path: Path) -> Prepared:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
         raise UserError(f"{manifest_path} is not valid JSON; prepare the folder again with rnnddp-prepare") from None
+    if manifest.get("format") == TEXT_FORMAT:
+        raise UserError(
+            f"sequences.path={path} holds prepared text, not sequences; train it with task=language_model lm.path={path}"
+        )
     if manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path} is not an rnnddp sequence manifest; prepare the folder with rnnddp-prepare")
     if manifest.get("version") != FORMAT_VERSION or manifest.get("target") not in TARGET_KINDS:
