@@ -2,7 +2,9 @@
 
 Rebuilds the network a checkpoint records (its ``model_args``, config, and what its task stored,
 such as the pixel permutation) and prints the test result in the precision the run used: for
-classify, loss, accuracy and per-class accuracy; for sine_regression, the MSE. CHECKPOINT may be a
+classify, loss, accuracy and per-class accuracy; for sine_regression, the MSE; for language_model, the
+loss per token and perplexity or bits per character (``--text FILE``: over any text file, in the
+checkpoint's tokens, instead of the test split). CHECKPOINT may be a
 ``.pt`` file or a run directory (its newest intact checkpoint is used); overrides such as
 ``data.root=...`` apply on top of the checkpoint's stored config. It also draws the task's
 pictures and the run's learning curves into ``run_dir/plots/<checkpoint>_*.png`` (``--no-plots``
@@ -88,8 +90,9 @@ def restore(target: str | Path, overrides: list[str], device: torch.device | Non
     return Restored(module, cfg, task, path, state)
 
 
-def run_evaluation(target: str | Path, overrides: list[str]) -> dict[str, Any]:
-    """Evaluate a checkpoint on its task's test split; returns the task's result with ``detail``."""
+def run_evaluation(target: str | Path, overrides: list[str], text: Path | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on its task's test split (or, for a language model, any ``text`` file);
+    returns the task's result with ``detail``."""
     device = _device()
     r = restore(target, overrides, device)
     if device.type == "cuda":
@@ -98,9 +101,14 @@ def run_evaluation(target: str | Path, overrides: list[str]) -> dict[str, Any]:
     # The precision the run evaluated in (bf16 autocast shifts a few predictions), so the
     # printed result is the one the training run logged.
     precision = resolve_precision(r.cfg.train.precision, device)
-    test = r.task.load().test
+    if text is not None:
+        if not hasattr(r.task, "text_split"):
+            raise UserError(f"--text is for language models; {r.path} is a task={r.cfg.task} model")
+        test = r.task.text_split(text)
+    else:
+        test = r.task.load().test
     result = r.task.evaluate(r.module, test, precision.autocast(), detail=True)
-    return {**result, "test": test, "precision": precision.name, "restored": r}
+    return {**result, "test": test, "precision": precision.name, "restored": r, "source": str(text or "test")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,10 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     dist.flush_denormals()  # before any tensor work, as the job does (train.flush_denormals)
     plots = "--no-plots" not in argv
     argv = [a for a in argv if a != "--no-plots"]
+    text = None
+    if "--text" in argv:  # a language model on any text file instead of its test split
+        at = argv.index("--text")
+        if at + 1 >= len(argv):
+            print("error: --text needs a FILE", file=sys.stderr)
+            return 2
+        text = Path(argv[at + 1])
+        argv = argv[:at] + argv[at + 2 :]
     try:
         if plots:  # before the work: an unwritable folder is bad input, not a lost picture
             require_writable(plots_dir(checkpoint_path(argv[0])), "pass --no-plots, or make it writable")
-        result = run_evaluation(argv[0], argv[1:])
+        result = run_evaluation(argv[0], argv[1:], text)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -143,6 +144,93 @@ class SequenceRegressor(nn.Module):
         return self.head(out), state
 
 
+class LockedDropout(nn.Module):
+    """Dropout with one mask per sequence, shared by all its steps (variational dropout, as AWD-LSTM)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, F]
+        if not self.training or self.p == 0:
+            return x
+        mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - self.p) / (1 - self.p)
+        return x * mask
+
+
+class LanguageModel(nn.Module):
+    """Tokens [B, T] and a carried state -> the next token's log-probabilities (or the targets' losses).
+
+    Embedding -> a stack of one-layer LSTM/GRU (each a fused cuDNN call on GPUs), locked dropout on
+    the embedding, between layers and on the output -> a decoder whose weight is the embedding's
+    (tied; the top layer then has ``emb_size`` units) or an adaptive softmax for large vocabularies.
+    The state is a list with one entry per layer (an LSTM's is its (h, c) pair).
+    """
+
+    def __init__(
+        self,
+        cell: str = "lstm",
+        vocab_size: int = 65,
+        emb_size: int = 128,
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+        dropout_emb: float = 0.0,
+        dropout_out: float = 0.0,
+        tie_weights: bool = True,
+        adaptive_cutoffs: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        cutoffs = list(adaptive_cutoffs or [])
+        self.args = dict(
+            name="language_model",
+            cell=cell,
+            vocab_size=vocab_size,
+            emb_size=emb_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout,
+            dropout_emb=dropout_emb,
+            dropout_out=dropout_out,
+            tie_weights=tie_weights,
+            adaptive_cutoffs=cutoffs,
+        )
+        self.embedding = nn.Embedding(vocab_size, emb_size)
+        top = emb_size if tie_weights else hidden_size
+        sizes = [emb_size] + [hidden_size] * (num_layers - 1) + [top]
+        self.layers = nn.ModuleList(CELLS[cell](sizes[k], sizes[k + 1], batch_first=True) for k in range(num_layers))
+        self.drop_emb, self.drop_mid, self.drop_out = (
+            LockedDropout(dropout_emb),
+            LockedDropout(dropout),
+            LockedDropout(dropout_out),
+        )
+        self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(top, vocab_size, cutoffs) if cutoffs else None
+        self.decoder = None if cutoffs else nn.Linear(top, vocab_size)
+        if self.decoder is not None and tie_weights:
+            self.decoder.weight = self.embedding.weight
+
+    def forward(
+        self, tokens: torch.Tensor, state: list | None = None, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list]:
+        """(log-probabilities [B, T, V], new state); with ``targets`` [B, T]: (each target's loss [B, T], new state)."""
+        x = self.drop_emb(self.embedding(tokens))
+        new_state = []
+        for k, layer in enumerate(self.layers):
+            x, s = layer(x, None if state is None else state[k])
+            new_state.append(s)
+            x = self.drop_mid(x) if k < len(self.layers) - 1 else self.drop_out(x)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.adaptive is not None:
+            if targets is not None:
+                out = -self.adaptive(flat.float(), targets.reshape(-1)).output
+                return out.view(targets.shape), new_state
+            return self.adaptive.log_prob(flat.float()).view(*x.shape[:2], -1), new_state
+        logits = self.decoder(flat).float()  # the softmax in fp32 under any autocast
+        if targets is not None:
+            return F.cross_entropy(logits, targets.reshape(-1), reduction="none").view(targets.shape), new_state
+        return torch.log_softmax(logits, dim=-1).view(*x.shape[:2], -1), new_state
+
+
 class ConvClassifier(nn.Module):
     """The seed's CNN: [B, 28, 28] -> 2 x (Conv 5x5 'same' + ReLU + MaxPool 2) -> Linear -> logits."""
 
@@ -241,7 +329,12 @@ def regressor_args(cfg: Any, input_size: int = 1, output_size: int = 1) -> dict:
 # The registry of architectures: a checkpoint's model_args["name"] (absent: "rnn") -> class.
 # model.name chooses among the classifiers; a task may build another (the sine task: regressor).
 CLASSIFIERS: dict[str, type[nn.Module]] = {"rnn": SequenceClassifier, "cnn": ConvClassifier}
-ARCHITECTURES: dict[str, type[nn.Module]] = {**CLASSIFIERS, "regressor": SequenceRegressor, "tagger": SequenceTagger}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    **CLASSIFIERS,
+    "regressor": SequenceRegressor,
+    "tagger": SequenceTagger,
+    "language_model": LanguageModel,
+}
 
 
 def build_model(args: dict) -> nn.Module:
@@ -255,15 +348,18 @@ def initial_model(args: dict, seed: int, chrono: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(args)
     if chrono:  # initial weights only: a resume loads the checkpoint's over them
-        chrono_init_(model.rnn, chrono)
+        for rnn in model.modules():
+            if isinstance(rnn, nn.RNNBase):
+                chrono_init_(rnn, chrono)
     return model
 
 
 def place(model: nn.Module, device: torch.device) -> nn.Module:
     """Move to ``device``; on CUDA give cuDNN one flat weight buffer (the fused kernel, no per-call copy)."""
     model = model.to(device)
-    rnn = getattr(model, "rnn", None)
-    if device.type == "cuda" and isinstance(rnn, nn.RNNBase):
+    if device.type == "cuda":
         torch.backends.cudnn.enabled = True
-        rnn.flatten_parameters()
+        for rnn in model.modules():
+            if isinstance(rnn, nn.RNNBase):
+                rnn.flatten_parameters()
     return model

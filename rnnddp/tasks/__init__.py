@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rnnddp.tasks.base import Splits, Task
 from rnnddp.tasks.classify import Classify
+from rnnddp.tasks.language_model import LanguageModel
 from rnnddp.tasks.sequence_classification import SequenceClassification
 from rnnddp.tasks.sine_regression import SineRegression
 from rnnddp.tasks.step_targets import StepClassification, StepRegression
@@ -14,6 +15,7 @@ TASKS: dict[str, type[Task]] = {
     "sequence_classification": SequenceClassification,
     "step_classification": StepClassification,
     "step_regression": StepRegression,
+    "language_model": LanguageModel,
 }
 
 __all__ = ["TASKS", "Splits", "Task"]

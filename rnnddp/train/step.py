@@ -39,5 +39,14 @@ class TrainStep:
 
     def __call__(self, batch: Any) -> torch.Tensor:
         loss = self.loss_fn(batch)
-        self.update(loss)
+        scale = getattr(batch, "lr_scale", 1.0)  # a step that trains on more or fewer tokens (variable BPTT)
+        if scale != 1.0:
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["lr"] * scale
+            self.update(loss)
+            for g, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr
+        else:
+            self.update(loss)
         return loss.detach()

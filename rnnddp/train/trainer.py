@@ -316,9 +316,10 @@ class Trainer:
             "train/samples_per_s": samples_s,
             "epoch": self.epoch + self.step_in_epoch / self.batches.steps_per_epoch,
         }
-        # Batches may report on themselves (padding, say): averaged over ranks like the loss.
+        # Batches may report on themselves (padding, tokens/s), given the window's training time: averaged over
+        # ranks like the loss.
         extra = getattr(self.batches, "window_metrics", None)
-        for key, value in (extra() if extra else {}).items():
+        for key, value in (extra(elapsed) if extra else {}).items():
             metrics[key] = dist.mean(torch.tensor(float(value), device=self.info.device)).item()
         self.logger.log(metrics, self.global_step)
         if bar is not None:

@@ -97,7 +97,7 @@ def test_bucketing_pads_under_ten_percent_where_random_batches_pad_most() -> Non
     for bucket in (True, False):
         batches = _batches(split, 0, 2, global_batch=64, seed=0, bucket=bucket)  # sequences.bucket
         mean[bucket] = np.mean([1 - float(b.lengths.sum()) / b.x.shape[0] / b.x.shape[1] for b in batches.epoch(0)])
-        logged[bucket] = batches.window_metrics()["train/pad_fraction"]  # what the job logs: padded steps / all
+        logged[bucket] = batches.window_metrics(1.0)["train/pad_fraction"]  # what the job logs: padded steps / all
     print(f"padding per batch: bucketed {mean[True]:.3f}, random batches {mean[False]:.3f}; logged {logged}")
     assert mean[True] <= 0.10 < 0.5 <= mean[False]
     assert logged[True] <= 0.15 < 0.5 <= logged[False]  # long batches weigh more: 0.105 and 0.80
