@@ -446,6 +446,57 @@ MUTANTS = [
 """,
         ("tests/unit/test_eval_memory.py::test_evaluation_holds_no_per_step_array_of_the_whole_split",),
     ),
+    Mutant(
+        "carry_keeps_nothing",
+        "the one carried-state mechanism keeps the state it is given (both the sine task and the language model)",
+        "rnnddp/train/carry.py",
+        "        self.state = detach_state(state)",
+        "        self.state = None",
+        (
+            "tests/unit/test_sine.py::test_the_loss_carries_the_hidden_state_into_the_next_chunk",
+            "tests/unit/test_streams.py::test_the_language_model_loss_carries_every_stripes_state_into_the_next_step",
+            "tests/e2e/test_language_model.py::test_a_dependency_longer_than_bptt_is_learnt_through_the_carried_state",
+        ),
+    ),
+    Mutant(
+        "lm_carried_state",
+        "the language model carries every stripe's state from step to step",
+        "rnnddp/tasks/language_model.py",
+        "        self.carried.keep(state)",
+        "        self.carried.reset()",
+        ("tests/unit/test_streams.py::test_the_language_model_loss_carries_every_stripes_state_into_the_next_step",),
+    ),
+    Mutant(
+        "lm_stripe_ownership",
+        "each rank reads its own block of stripes",
+        "rnnddp/data/streams.py",
+        "        self.owned = block_rows(rank, world_size, global_batch_size)",
+        "        self.owned = block_rows(0, world_size, global_batch_size)",
+        (
+            "tests/unit/test_streams.py::test_ranks_own_blocks_of_stripes_and_together_make_the_one_rank_batch",
+            "tests/e2e/test_language_model.py::test_one_rank_two_ranks_and_two_launchers_train_the_same_model",
+        ),
+    ),
+    Mutant(
+        "lm_state_rows",
+        "the checkpoint orders the stripes' states as the stream's stripes, so another rank count re-slices them",
+        "rnnddp/tasks/language_model.py",
+        "        self.carried = CarriedState(info, cfg.train.global_batch_size, block_rows)",
+        "        self.carried = CarriedState(info, cfg.train.global_batch_size)",
+        (
+            "tests/e2e/test_language_model.py::test_a_sigkill_resumes_bit_for_bit_and_a_stop_resumes_on_another_number_of_ranks",
+        ),
+    ),
+    Mutant(
+        "lm_state_in_checkpoint",
+        "the checkpoint holds every stripe's state",
+        "rnnddp/tasks/language_model.py",
+        "            **self.carried.state_dict(),",
+        "            **{k: None for k in self.carried.state_dict()},",
+        (
+            "tests/e2e/test_language_model.py::test_a_sigkill_resumes_bit_for_bit_and_a_stop_resumes_on_another_number_of_ranks",
+        ),
+    ),
 ]
 
 

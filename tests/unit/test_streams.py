@@ -110,3 +110,43 @@ def test_locked_dropout_uses_one_mask_per_sequence():
     emb = model.drop_emb(model.embedding(x))
     assert torch.equal(emb[:, :1].expand_as(emb), emb)  # the mask does not change along the sequence
     assert not torch.equal(emb[0], emb[1])  # but differs between sequences
+
+
+def test_the_language_model_loss_carries_every_stripes_state_into_the_next_step(tmp_path):
+    import contextlib
+
+    from rnnddp.config import load_config
+    from rnnddp.data.text import prepare_text
+    from rnnddp.dist import DistInfo
+    from rnnddp.tasks.language_model import LanguageModel as Task
+
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i} of a small text\n" for i in range(400)))
+    prepare_text(text, tmp_path / "data")
+    cfg = load_config(["task=language_model", f"lm.path={tmp_path / 'data'}", "lm.bptt=8",
+                       "train.global_batch_size=4", "model.hidden_size=16", "lm.emb_size=8"])  # fmt: skip
+    task = Task(cfg, DistInfo())
+    torch.manual_seed(0)
+    model = LanguageModel(**{k: v for k, v in task.model_args().items() if k != "name"})
+    steps = task.train_batches(task.load().train).epoch(0)
+    first, second = next(steps), next(steps)
+    assert first.new_epoch and not second.new_epoch
+    ctx = contextlib.nullcontext()
+    task.loss(model, first, ctx)
+    _, state = model(first.inputs)
+    assert all(torch.equal(a, b) for a, b in zip(task.carried.state[0], state[0], strict=True))
+    loss = task.loss(model, second, ctx)
+    carried, _ = model(second.inputs, state, second.targets)
+    from_zero, _ = model(second.inputs, None, second.targets)
+    assert torch.allclose(loss, carried.mean()) and not torch.allclose(loss, from_zero.mean())
+    assert not task.carried.state[0][0].requires_grad  # detached: no gradient into earlier steps
+    # The checkpoint entry is every stripe's state in global order; a load gives it back.
+    saved = task.state_dict()
+    assert saved["carry"][0][0].shape == (
+        1,
+        4,
+        8,
+    )  # tied: the top layer has emb_size units and saved["tokenizer"]["kind"] == "char"
+    other = Task(cfg, DistInfo())
+    other.load_state_dict(saved)
+    assert torch.equal(other.carried.state[0][1], task.carried.state[0][1])
