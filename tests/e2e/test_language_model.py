@@ -29,7 +29,6 @@ from tests.conftest import (
     job_env,
     latest_state,
     read_metrics,
-    run_cli,
     run_job,
 )
 from tests.hosts import torchrun_cmd, wait_all
@@ -253,40 +252,49 @@ def test_tiny_shakespeare_is_learnt_far_below_the_unigram_and_bigram_rates(tmp_p
 
 
 def test_generation_is_deterministic_needs_no_data_folder_and_refuses_bad_input(
-    folder: Path, two_ranks: Path, tmp_path: Path
+    folder: Path, two_ranks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
+    from rnnddp import evaluate, generate
+
+    def cli(main, *argv: object) -> tuple[int, str, str]:  # in process: one torch import for all the calls
+        code = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
     run = tmp_path / "run"
     shutil.copytree(two_ranks, run)
     # The checkpoint carries the tokenizer: generate from a run whose data folder is not there.
     hidden = folder.parent / "hidden"
     folder.rename(hidden)
     try:
-        first = run_cli("rnnddp.generate", run, "--prompt", "First", "--tokens", "40", "--seed", "3")
-        again = run_cli("rnnddp.generate", run, "--prompt", "First", "--tokens", "40", "--seed", "3")
-        other = run_cli("rnnddp.generate", run, "--prompt", "First", "--tokens", "40", "--seed", "4")
-        greedy = [run_cli("rnnddp.generate", run, "--prompt", "First", "--tokens", "40", "--temperature", "0",
-                          "--seed", str(s)) for s in (1, 2)]  # fmt: skip
-        bad = run_cli("rnnddp.generate", run, "--prompt", "Fïrst €", "--tokens", "5")
+        first, again, other = (
+            cli(generate.main, run, "--prompt", "First", "--tokens", 40, "--seed", s) for s in (3, 3, 4)
+        )
+        greedy = [
+            cli(generate.main, run, "--prompt", "First", "--tokens", 40, "--temperature", 0, "--seed", s)
+            for s in (1, 2)
+        ]
+        bad = cli(generate.main, run, "--prompt", "Fïrst €", "--tokens", 5)
     finally:
         hidden.rename(folder)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout == again.stdout and first.stdout != other.stdout
-    assert first.stdout.startswith("First") and len(first.stdout.rstrip("\n")) == len("First") + 40
-    assert greedy[0].stdout == greedy[1].stdout  # temperature 0: the most likely token, whatever the seed
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    assert first[0] == 0, first[2]
+    assert first[1] == again[1] and first[1] != other[1]
+    assert first[1].startswith("First") and len(first[1].rstrip("\n")) == len("First") + 40
+    assert greedy[0][1] == greedy[1][1]  # temperature 0: the most likely token, whatever the seed
+    assert bad[0] == 2 and bad[2].strip().splitlines() == [
         "error: the prompt has character(s) the model's vocabulary lacks: 'ï', '€'; remove or replace them "
         f"(the model knows {open_text(folder).tokenizer.vocab_size} characters, those of its training text)"
     ]
 
     # evaluate: the test split (the job's own figure), and any text file in the model's tokens.
     test_bpc = final_eval(run, "bpc")["test/bpc"]
-    ev = run_cli("rnnddp.evaluate", run, "--no-plots")
-    assert ev.returncode == 0, ev.stderr
-    assert f"bits per character {test_bpc:.4f}" in ev.stdout, ev.stdout
+    code, out, err = cli(evaluate.main, run, "--no-plots")
+    assert code == 0, err
+    assert f"bits per character {test_bpc:.4f}" in out, out
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"Ye gods, " + "caf\xe9".encode("latin-1"))
-    ev = run_cli("rnnddp.evaluate", run, "--no-plots", "--text", latin)
-    assert ev.returncode == 2 and ev.stderr.strip().splitlines() == [
+    code, out, err = cli(evaluate.main, run, "--no-plots", "--text", latin)
+    assert code == 2 and err.strip().splitlines() == [
         f"error: {latin}: not UTF-8 at byte offset 12 (0xe9); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
     ]
 
