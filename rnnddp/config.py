@@ -24,6 +24,7 @@ from rnnddp.errors import UserError
 from rnnddp.metrics import WANDB_MODES
 from rnnddp.models import CELLS, CLASSIFIERS
 from rnnddp.tasks import TASKS
+from rnnddp.train.averaging import AVERAGE_MODES
 from rnnddp.train.optim import OPTIMIZERS, SCHEDULES
 from rnnddp.train.precision import PRECISIONS
 
@@ -74,6 +75,16 @@ class SchedConfig:
     warmup_steps: int = 0  # constant and cosine
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of optim.lr
     pct_start: float = 0.2  # onecycle: fraction of steps spent rising
+
+
+@dataclass
+class AverageConfig:
+    # Validation, best.pt and the final test on averaged weights (training goes on with its own):
+    # none | ema | asgd (AWD-LSTM's switch to averaging once validation stalls)
+    mode: str = "none"
+    ema_decay: float = 0.999  # ema: the old average's weight per step
+    nonmono: int = 5  # asgd: start when validation is worse than the best before the last nonmono ones
+    start_step: int = 0  # ema: start averaging after this step
 
 
 @dataclass
@@ -138,6 +149,7 @@ class TrainingConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
+    average: AverageConfig = field(default_factory=AverageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -171,6 +183,7 @@ CHOICES = {
     "train.precision": PRECISIONS,
     "optim.name": OPTIMIZERS,
     "sched.name": SCHEDULES,
+    "average.mode": AVERAGE_MODES,
     "wandb.mode": WANDB_MODES,
     "dist.backend": BACKENDS,
     "dist.grad_sync": GRAD_SYNC,
@@ -187,6 +200,7 @@ POSITIVE = (
     "dist.peer_timeout_s",
     "optim.lr",
     "wandb.init_timeout_s",
+    "average.nonmono",
 )
 NON_NEGATIVE = (
     "train.max_steps",
@@ -203,6 +217,7 @@ NON_NEGATIVE = (
     "debug.stop_at_step",
     "debug.step_delay_s",
     "dist.max_stalled_restarts",
+    "average.start_step",
 )
 # Keys of earlier versions -> their place now (None: dropped), applied to a checkpoint's stored config.
 MOVED = {
@@ -353,6 +368,8 @@ def validate(cfg: Any) -> None:
         raise UserError("bad value for config key 'model.dropout': must be in [0, 1)")
     if not 0.0 < cfg.sched.pct_start < 1.0:
         raise UserError("bad value for config key 'sched.pct_start': must be in (0, 1)")
+    if not 0.0 <= cfg.average.ema_decay < 1.0:
+        raise UserError("bad value for config key 'average.ema_decay': must be in [0, 1)")
     for name in cfg.train.stop_signals:
         if not isinstance(getattr(signal, str(name), None), signal.Signals):
             raise UserError(

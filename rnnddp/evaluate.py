@@ -6,7 +6,10 @@ classify, loss, accuracy and per-class accuracy; for sine_regression, the MSE; f
 loss per token and perplexity or bits per character (``--text FILE``: over any text file, in the
 checkpoint's tokens, instead of the test split). CHECKPOINT may be a
 ``.pt`` file or a run directory (its newest intact checkpoint is used); overrides such as
-``data.root=...`` apply on top of the checkpoint's stored config. It also draws the task's
+``data.root=...`` apply on top of the checkpoint's stored config. A checkpoint of a run that averaged
+its weights (``average.mode``) is evaluated on the averaged weights it holds (``averaged_model``), as the
+run's validation and final test were; so are rnnddp-predict and rnnddp-generate, which restore it the
+same way. It also draws the task's
 pictures and the run's learning curves into ``run_dir/plots/<checkpoint>_*.png`` (``--no-plots``
 skips them).
 """
@@ -66,7 +69,10 @@ def plots_dir(path: Path) -> Path:
 
 
 def restore(target: str | Path, overrides: list[str], device: torch.device | None = None) -> Restored:
-    """Load CHECKPOINT (a .pt file or a run directory) and rebuild its network and task (raises UserError)."""
+    """Load CHECKPOINT (a .pt file or a run directory) and rebuild its network and task (raises UserError).
+
+    The network gets the checkpoint's averaged weights when it has them (``averaged_model``), else ``model``.
+    """
     path = checkpoint_path(target)
     reason = checkpoint.verify(path, require_marker=False)
     if reason is not None:
@@ -79,8 +85,9 @@ def restore(target: str | Path, overrides: list[str], device: torch.device | Non
     args = state["model_args"]
     task.check_restorable(args, path)  # e.g. an override that gives the model inputs of another size
     module = build_model(args)
+    averaged = state.get("averaged_model")
     try:
-        module.load_state_dict(state["model"])
+        module.load_state_dict(averaged if averaged is not None else state["model"])
     except RuntimeError as e:
         raise UserError(
             f"checkpoint {path}: weights do not fit its model_args ({str(e).splitlines()[0][:120]})"
@@ -136,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     r: Restored = result["restored"]
-    print(f"checkpoint {r.path} (step {r.state.get('global_step', '?')}; {r.task.describe()}; {result['precision']})")
+    weights = "; averaged weights" if r.state.get("averaged_model") is not None else ""
+    print(
+        f"checkpoint {r.path} (step {r.state.get('global_step', '?')}; {r.task.describe()}; {result['precision']}"
+        f"{weights})"
+    )
     for line in r.task.report(result, result["test"]):
         print(line)
     if plots:

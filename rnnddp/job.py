@@ -28,6 +28,7 @@ from rnnddp.plots import write_plots
 from rnnddp.preemption import StopRequest
 from rnnddp.tasks import TASKS, Splits, Task
 from rnnddp.train import cuda_graph, faults
+from rnnddp.train.averaging import WeightAverage
 from rnnddp.train.optim import build_optimizer, build_scheduler, total_steps
 from rnnddp.train.precision import Precision, resolve_precision
 from rnnddp.train.step import TrainStep
@@ -84,6 +85,15 @@ def check_resumable(state: dict[str, Any], cfg: Any, task: Task, args: dict, pat
     task.check_resume(state, path)
 
 
+def check_averaging(cfg: Any, splits: Splits) -> None:
+    """average.mode=asgd needs validation results to decide when to start."""
+    if cfg.average.mode == "asgd" and splits.val is None:
+        raise UserError(
+            "average.mode=asgd starts averaging when validation stalls, and this run has no validation split; "
+            "give it one, or use average.mode=ema"
+        )
+
+
 @dataclass
 class Built:
     trainer: Trainer
@@ -119,6 +129,8 @@ def build_trainer(
     graphed = train.cuda_graph and graph_why is None
 
     module = place(initial_model(task.model_args(), cfg.seed, cfg.model.chrono_init), info.device)
+    check_averaging(cfg, splits)
+    averaging = WeightAverage.from_config(cfg.average, module, task.metric)  # of the unwrapped module
     torch.manual_seed(cfg.seed + info.rank)  # per-rank streams from here on (dropout)
     model = dist.wrap_ddp(module, info, cfg.dist.grad_sync)
     precision = resolve_precision(train.precision, info.device)
@@ -170,18 +182,21 @@ def build_trainer(
         description=f"precision {precision.name}, device {info.device}, {torch.get_num_threads()} CPU thread(s)"
         + f", backend {info.backend or 'none'}"
         + (f", gradients by {dist.grad_sync_mode(cfg.dist.grad_sync, info)}" if info.distributed else "")
-        + (", CUDA graph" if graphed else ""),
+        + (", CUDA graph" if graphed else "")
+        + (f", weights averaged ({cfg.average.mode})" if averaging else ""),
+        averaging=averaging,
     )
     return Built(trainer, task, splits, precision)
 
 
 def evaluate_on_test(built: Built, cfg: Any, info: DistInfo, run_dir: Path) -> dict[str, Any] | None:
-    """Rank 0 evaluates the final model on the test split once, logs ``test/*`` and draws the pictures."""
+    """Rank 0 evaluates the final model (its averaged weights, when averaging has started) on the test split
+    once, logs ``test/*`` and draws the pictures."""
     trainer, task = built.trainer, built.task
     if not info.is_main:
         return None
     test = built.splits.test
-    result = task.evaluate(trainer.module, test.to(info.device), built.precision.autocast(), detail=True)
+    result = task.evaluate(trainer.eval_module, test.to(info.device), built.precision.autocast(), detail=True)
     name = task.metric.name
     trainer.logger.log({"test/loss": result["loss"], f"test/{name}": result[name]}, trainer.global_step)
     trainer.logger.summary({f"test/{name}": result[name], "test/loss": result["loss"]})
@@ -224,6 +239,7 @@ def run(cfg: Any, info: DistInfo) -> int:
         check_resumable(state, cfg, task, args, resume_path)
 
     splits = task.load()
+    check_averaging(cfg, splits)
     batches = task.train_batches(splits.train)  # bad input (data, batch size) stops the job before W&B starts
     changes = None
     if state is not None:  # every other difference is refused here, before anything is written

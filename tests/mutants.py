@@ -497,6 +497,25 @@ MUTANTS = [
             "tests/e2e/test_language_model.py::test_a_sigkill_resumes_bit_for_bit_and_a_stop_resumes_on_another_number_of_ranks",
         ),
     ),
+    Mutant(
+        "average_update",
+        "average.mode=ema/asgd averages the weights after each step",
+        "rnnddp/train/averaging.py",
+        "            self.averaged.update_parameters(self.source)",
+        "            pass",
+        (
+            "tests/unit/test_averaging.py::test_ema_is_the_moving_average_of_the_weights_after_each_step_from_start_step",
+            "tests/unit/test_averaging.py::test_validation_best_pt_and_the_final_test_use_the_averaged_weights",
+        ),
+    ),
+    Mutant(
+        "averaged_weights_resume",
+        "a resume takes the averaged weights back from the checkpoint",
+        "rnnddp/train/averaging.py",
+        '            self.averaged.module.load_state_dict(state["averaged_model"])',
+        "            pass",
+        ("tests/unit/test_averaging.py::test_a_job_stopped_and_resumed_ends_with_the_same_averaged_weights",),
+    ),
 ]
 
 

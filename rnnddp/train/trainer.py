@@ -24,6 +24,7 @@ from rnnddp.dist import DistInfo
 from rnnddp.errors import NonFiniteLossError
 from rnnddp.metrics import Metric, MetricsLogger, fmt
 from rnnddp.preemption import StopRequest
+from rnnddp.train.averaging import WeightAverage
 from rnnddp.train.optim import total_steps
 
 log = logging.getLogger("rnnddp")
@@ -89,6 +90,8 @@ class Trainer:
     ``train`` is the config's train section (epochs, max_steps, global_batch_size,
     log_every_steps, max_nonfinite, stop_signals). ``validate(module)`` runs on rank 0 alone and
     returns a dict with ``loss`` and ``metric.name``; None means no validation split (no best.pt).
+    ``averaging`` (optional) averages the weights after every step; validation (hence best.pt) and
+    ``eval_module`` use the average once it has started.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class Trainer:
         logger: MetricsLogger | None = None,
         stop: StopRequest | None = None,
         description: str = "",
+        averaging: WeightAverage | None = None,
     ) -> None:
         self.cfg, self.info = train, info
         self.module = module  # unwrapped: validated and checkpointed
@@ -127,6 +131,7 @@ class Trainer:
         self.hooks = hooks or []
         self.logger = logger or MetricsLogger("", enabled=False)
         self.description = description  # what is trained, for the first log line
+        self.averaging = averaging
         # The caller may own the stop handlers (to keep them through what follows fit); else fit does.
         self.stop = stop
         self._owns_stop = stop is None
@@ -155,6 +160,8 @@ class Trainer:
         }
         for part in self.stateful:  # every rank joins: parts may gather across ranks
             state.update(part.state_dict())
+        if self.averaging is not None:  # the averaged weights beside the training ones ("model"), which resume
+            state.update(self.averaging.state_dict())
         return {**state, **self.extra_state}
 
     @property
@@ -192,6 +199,8 @@ class Trainer:
         self.best = None if best is None or best != best else best
         for part in self.stateful:
             part.load_state_dict(state)
+        if self.averaging is not None:
+            self.averaging.load_state_dict(state)
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             set_rng_state(rngs[self.info.rank])
@@ -205,6 +214,11 @@ class Trainer:
                 self.info.world_size,
             )
             torch.manual_seed(self.seed + 1000 * self.global_step + self.info.rank)
+
+    @property
+    def eval_module(self) -> nn.Module:
+        """What validation and the final test evaluate: the averaged weights once averaging has started."""
+        return self.module if self.averaging is None else self.averaging.module_for_eval()
 
     @property
     def finished(self) -> bool:
@@ -243,6 +257,8 @@ class Trainer:
                     self._window.add(self.train_step(batch))
                     self.step_in_epoch += 1
                     self.global_step += 1
+                    if self.averaging is not None:  # before the hooks: a stop checkpoint holds this step's average
+                        self.averaging.update(self.global_step)
                     if bar is not None:
                         bar.update(1)
                     for hook in self.hooks:
@@ -341,14 +357,15 @@ class Trainer:
             )
 
     def _validate(self) -> bool:
-        """Rank 0 validates the unwrapped module; the others wait in the broadcast of its result.
+        """Rank 0 validates the unwrapped module (or its average); the others wait in the broadcast of its result.
 
         Returns whether this is the best result so far (the same answer on every rank).
         """
         name = self.metric.name
         result = [0.0, 0.0]
+        module = self.eval_module
         if self.info.is_main:
-            m = self.validate(self.module)
+            m = self.validate(module)
             result = [float(m["loss"]), float(m[name])]
         loss, value = dist.broadcast_from_main(result, self.info)
         new_best = self.metric.better(value, self.best)
@@ -358,7 +375,10 @@ class Trainer:
         best = self.best_for_log
         metrics = {"val/loss": loss, f"val/{name}": value, f"val/best_{name}": best, "epoch": self.epoch}
         self.logger.log(metrics, self.global_step)
-        log.info("val step %d: loss %.4f %s %.4f (best %.4f)", self.global_step, loss, name, value, best)
+        on = ", averaged weights" if module is not self.module else ""
+        log.info("val step %d: loss %.4f %s %.4f (best %.4f%s)", self.global_step, loss, name, value, best, on)
+        if self.averaging is not None:  # every rank decides on the same broadcast value
+            self.averaging.on_validation(value, self.global_step)
         return new_best
 
     def _save(self, best: bool = False) -> None:
