@@ -179,3 +179,24 @@ def test_fp16_grad_scaler_skips_non_finite_steps(tmp_path: Path, mnist_root):
         trainer.global_step += 1
     assert all(torch.equal(p, b) for p, b in zip(trainer.module.parameters(), before, strict=True))
     assert trainer.scaler.get_scale() < scale
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_language_model_trains_on_cudnn_and_resumes_its_carried_state_exactly(tmp_path: Path, precision: str):
+    """task=language_model on the GPU: cuDNN's fused LSTM per layer, the stripes read on the device, the carried
+    state kept in fp32 under autocast; a stop-and-resume ends bit for bit equal to the uninterrupted run."""
+    from rnnddp import prepare
+
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(600)))
+    assert prepare.main(["--text", str(text), "--tokenizer", "char", "--out", str(tmp_path / "data")]) == 0
+    args = ["task=language_model", f"lm.path={tmp_path / 'data'}", "lm.bptt=32", "model.hidden_size=64",
+            "train.global_batch_size=16", "train.max_steps=40", "checkpoint.every_steps=10",
+            f"train.precision={precision}", "wandb.mode=disabled"]  # fmt: skip
+    run_job([*args, f"run_dir={tmp_path / 'whole'}"])
+    run_job([*args, f"run_dir={tmp_path / 'cut'}", "debug.stop_at_step=17"], check=False)
+    run_job([*args, f"run_dir={tmp_path / 'cut'}"])
+    whole, cut = latest_state(tmp_path / "whole"), latest_state(tmp_path / "cut")
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+    assert cut["carry"][0][0].dtype == torch.float32
+    assert final_eval(tmp_path / "whole", "bpc")["test/bpc"] < 4.0
