@@ -111,7 +111,15 @@ class LanguageModel(Task):
 
     def load(self) -> Splits:
         d = self._folder()
-        return Splits(d.split("train"), d.split("val"), d.split("test"))
+        splits = Splits(d.split("train"), d.split("val"), d.split("test"))
+        stripes = self.settings.eval_stripes
+        for name, split in (("val", splits.val), ("test", splits.test)):
+            if split is not None and len(split) < 2 * stripes:  # each stripe must predict at least one token
+                raise UserError(
+                    f"{self.settings.path}'s {name} split holds {len(split)} tokens, too few for lm.eval_stripes="
+                    f"{stripes} stripes of two tokens; set lm.eval_stripes= lower or give more text"
+                )
+        return splits
 
     def train_batches(self, split: TokenStream) -> StreamBatches:
         s = self.settings
