@@ -309,3 +309,8 @@ def test_a_text_folder_and_a_sequence_folder_are_not_mixed_up(folder: Path, tmp_
     assert short.returncode == 2 and len(short.stderr.strip().splitlines()) == 1, short.stderr
     assert "fewer than train.global_batch_size x (lm.bptt + 1)" in short.stderr
     assert not (tmp_path / "b" / "checkpoints").exists() or not any((tmp_path / "b" / "checkpoints").iterdir())
+    few = run_job(args(folder, tmp_path / "c", "lm.eval_stripes=300"), check=False)
+    assert few.returncode == 2 and few.stderr.strip().splitlines() == [
+        f"error: {folder}'s val split holds 432 tokens, too few for lm.eval_stripes=300 stripes of two tokens; "
+        "set lm.eval_stripes= lower or give more text"
+    ]
