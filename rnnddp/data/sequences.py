@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from rnnddp.data.batches import check_batch
 from rnnddp.data.buckets import POOL, bucketed_batches, rank_share
-from rnnddp.data.formats import SEQUENCES_FORMAT, TEXT_FORMAT
+from rnnddp.data.formats import SEQUENCES_FORMAT, TEXT_FORMAT, staged_folder
 from rnnddp.errors import UserError
 
 FORMAT = SEQUENCES_FORMAT
@@ -261,9 +260,6 @@ def write_prepared(
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; remove it or give another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     train = splits["train"]
     mean, std = feature_stats(train.features, real=train_real)
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
@@ -286,8 +282,7 @@ def write_prepared(
     if train.target_kind == "per_step_value":  # for scale: the error of always predicting the train mean
         t_mean, t_std = feature_stats(train.targets)
         manifest.update(outputs=int(train.targets.shape[1]), target_mean=t_mean.tolist(), target_std=t_std.tolist())
-    try:
-        tmp.mkdir()
+    with staged_folder(out) as tmp:
         for name, s in splits.items():
             np.save(tmp / f"{name}.features.npy", s.features)
             np.save(tmp / f"{name}.offsets.npy", s.offsets)
@@ -296,13 +291,6 @@ def write_prepared(
             else:
                 np.save(tmp / f"{name}.labels.npy", s.labels)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

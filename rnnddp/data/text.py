@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rnnddp.data.formats import SEQUENCES_FORMAT, TEXT_FORMAT
+from rnnddp.data.formats import SEQUENCES_FORMAT, TEXT_FORMAT, staged_folder
 from rnnddp.errors import UserError, require_writable
 
 TEXT_VERSION = 1
@@ -539,11 +538,7 @@ def prepare_text(
     if val is None:
         source["byte_ranges"] = {p.name: [p.start, p.end] for p in parts}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with staged_folder(out) as tmp:
         # Pass 2: tokens appended to each split's file a block at a time.
         for p in parts:
             with open(tmp / f"{p.name}.bin", "wb") as fh:
@@ -563,13 +558,6 @@ def prepare_text(
             (tmp / "tokenizer.json").write_text(tok.tok.to_str(), encoding="utf-8")
         # ASCII (JSON escapes the rest): any reader decodes it, whatever its locale.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
