@@ -256,3 +256,43 @@ def guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     except Exception as e:  # a benchmark reports a broken part; it does not stop
         traceback.print_exc()
         return {"samples_per_s": None, "failed": f"{type(e).__name__}: {e}"}
+
+
+def one_and_two_ranks(args: list[str], tmp: Path, rate: str) -> dict[str, Any]:
+    """train_ddp.py with ``args`` on 1 rank x 1 thread and on 2 ranks x 1 thread (W&B off), each in a run
+    directory of its own under ``tmp``: per launch the job's windows of ``train/<rate>`` (the first, which
+    holds the warm-up, dropped), their median and spread; then the 2-rank figure, the speed-up, the scaling
+    efficiency, and whether another process's load or uneven windows disturbed it."""
+    from rnnddp.launch import job_command, job_env
+
+    out: dict[str, Any] = {}
+    for label, nproc in (("one_rank", 1), ("two_ranks", 2)):
+        run_dir = tmp / f"ddp_{label}"
+        load = ForeignLoad()
+        env = job_env(threads=None, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+        job = run_job(job_command([*args, f"run_dir={run_dir}"], nproc), env, tmp / f"{label}.log", 300)
+        rates = [r[f"train/{rate}"] for r in read_records(run_dir) if f"train/{rate}" in r]
+        windows = rates[1:]  # the first window holds warm-up (allocator, first gloo collectives)
+        entry: dict[str, Any] = {
+            "nproc": nproc,
+            "returncode": job.returncode,
+            "wall_s": round(job.wall_s, 2),
+            "foreign_cores": load.cores(),
+            f"windows_{rate}": [round(r, 1) for r in windows],
+        }
+        if job.returncode != 0 or not windows:
+            entry["error"] = f"exit {job.returncode}, {len(windows)} windows; log tail:\n{job.tail()}"
+            entry[rate] = None
+        else:
+            entry[rate] = round(statistics.median(windows), 1)
+            entry["window_cv"] = round(statistics.pstdev(windows) / statistics.mean(windows), 3)
+        out[label] = entry
+    one, two = out["one_rank"][rate], out["two_ranks"][rate]
+    out[rate] = two
+    out["speedup_over_one_rank"] = ratio(two, one)
+    out["scaling_efficiency"] = round(two / (2 * one), 3) if one and two else None
+    out["disturbed"] = any(
+        (e.get("foreign_cores") or 0) > DISTURBED_CORES or (e.get("window_cv") or 0) > DISTURBED_CV
+        for e in (out["one_rank"], out["two_ranks"])
+    )
+    return out

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import traceback
@@ -60,8 +59,6 @@ from torch import nn
 
 from bench.harness import (
     DISTURBED_CORES,
-    DISTURBED_CV,
-    ForeignLoad,
     StepFn,
     environment,
     fmt_load,
@@ -69,16 +66,15 @@ from bench.harness import (
     forever,
     guarded,
     measure_interleaved,
+    one_and_two_ranks,
     ratio,
-    read_records,
-    run_job,
 )
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import load_config
 from rnnddp.dist import DistInfo, configure_cuda, flush_denormals
 from rnnddp.errors import UserError
 from rnnddp.job import build_trainer
-from rnnddp.launch import REPO, job_command, job_env
+from rnnddp.launch import REPO
 from rnnddp.models import initial_model, place
 from rnnddp.tasks import TASKS, Task
 from rnnddp.train import cuda_graph
@@ -316,35 +312,7 @@ def ddp_part(s: Settings, tmp: Path, prepared: Path, steps_per_epoch: int) -> di
         "checkpoint.every_steps=0",
     ]
     out: dict[str, Any] = {"steps": steps, "log_every_steps": log_every, "threads_per_rank": 1}
-    for label, nproc in (("one_rank", 1), ("two_ranks", 2)):
-        run_dir = tmp / f"ddp_{label}"
-        load = ForeignLoad()
-        env = job_env(threads=None, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-        job = run_job(job_command([*args, f"run_dir={run_dir}"], nproc), env, tmp / f"{label}.log", 300)
-        rates = [r["train/tokens_per_s"] for r in read_records(run_dir) if "train/tokens_per_s" in r]
-        windows = rates[1:]  # the first window holds warm-up (allocator, first gloo collectives)
-        entry: dict[str, Any] = {
-            "nproc": nproc,
-            "returncode": job.returncode,
-            "wall_s": round(job.wall_s, 2),
-            "foreign_cores": load.cores(),
-            "windows_tokens_per_s": [round(r, 1) for r in windows],
-        }
-        if job.returncode != 0 or not windows:
-            entry["error"] = f"exit {job.returncode}, {len(windows)} windows; log tail:\n{job.tail()}"
-            entry["tokens_per_s"] = None
-        else:
-            entry["tokens_per_s"] = round(statistics.median(windows), 1)
-            entry["window_cv"] = round(statistics.pstdev(windows) / statistics.mean(windows), 3)
-        out[label] = entry
-    one, two = out["one_rank"]["tokens_per_s"], out["two_ranks"]["tokens_per_s"]
-    out["tokens_per_s"] = two
-    out["speedup_over_one_rank"] = ratio(two, one)
-    out["scaling_efficiency"] = round(two / (2 * one), 3) if one and two else None
-    out["disturbed"] = any(
-        (e.get("foreign_cores") or 0) > DISTURBED_CORES or (e.get("window_cv") or 0) > DISTURBED_CV
-        for e in (out["one_rank"], out["two_ranks"])
-    )
+    out.update(one_and_two_ranks(args, tmp, "tokens_per_s"))
     return out
 
 

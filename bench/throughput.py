@@ -32,7 +32,6 @@ import itertools
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import traceback
@@ -45,7 +44,6 @@ import torch
 
 from bench.harness import (
     DISTURBED_CORES,
-    DISTURBED_CV,
     ForeignLoad,
     StepFn,
     environment,
@@ -54,6 +52,7 @@ from bench.harness import (
     forever,
     guarded,
     measure_interleaved,
+    one_and_two_ranks,
     ratio,
     read_records,
     run_job,
@@ -265,38 +264,9 @@ def ddp_part(s: Settings, tmp: Path, train_split: Split) -> dict[str, Any]:
         "resume=none",
     ]
     out: dict[str, Any] = {"steps": steps, "log_every_steps": log_every, "threads_per_rank": 1}
-    for label, nproc in (("one_rank", 1), ("two_ranks", 2)):
-        run_dir = tmp / f"ddp_{label}"
-        load = ForeignLoad()
-        env = job_env(threads=None, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-        job = run_job(job_command([*overrides, f"run_dir={run_dir}"], nproc), env, tmp / f"{label}.log", 300)
-        rates = [r["train/samples_per_s"] for r in read_records(run_dir) if "train/samples_per_s" in r]
-        windows = rates[1:]  # the first window holds warm-up (allocator, first gloo collectives)
-        entry: dict[str, Any] = {
-            "nproc": nproc,
-            "returncode": job.returncode,
-            "wall_s": round(job.wall_s, 2),
-            "foreign_cores": load.cores(),
-            "windows_samples_per_s": [round(r, 1) for r in windows],
-        }
-        if job.returncode != 0 or not windows:
-            entry["error"] = f"exit {job.returncode}, {len(windows)} windows; log tail:\n{job.tail()}"
-            entry["samples_per_s"] = None
-        else:
-            median = statistics.median(windows)
-            entry["samples_per_s"] = round(median, 1)
-            entry["window_cv"] = round(statistics.pstdev(windows) / statistics.mean(windows), 3)
-        out[label] = entry
-    one, two = out["one_rank"]["samples_per_s"], out["two_ranks"]["samples_per_s"]
-    out["samples_per_s"] = two
-    out["speedup_over_one_rank"] = round(two / one, 3) if one and two else None
+    out.update(one_and_two_ranks(overrides, tmp, "samples_per_s"))
     if s.device.type == "cpu":
         out["no_comm_bound"] = compute_bound(train_split, s)
-    out["scaling_efficiency"] = round(two / (2 * one), 3) if one and two else None
-    out["disturbed"] = any(
-        (e.get("foreign_cores") or 0) > DISTURBED_CORES or (e.get("window_cv") or 0) > DISTURBED_CV
-        for e in (out["one_rank"], out["two_ranks"])
-    )
     return out
 
 
