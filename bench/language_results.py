@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="train.epochs (default: the config's)")
     p.add_argument("--minutes", type=float, help="size train.max_steps to about this many minutes of training")
     p.add_argument("overrides", nargs="*", help="key=value for the config")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     config, tokenizer, train_file, given = CORPORA[a.corpus]
     with tempfile.TemporaryDirectory(prefix="rnnddp-lm-") as tmp:
         data = Path(tmp) / "data"
