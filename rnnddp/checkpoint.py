@@ -25,6 +25,9 @@ from rnnddp.errors import UserError
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+# Checkpoints carry this as "format"; 2 = trained without the validation split's samples, task settings in
+# their own sections. Earlier ones evaluate, but do not resume; later ones (a newer rnnddp) are refused.
+FORMAT = 2
 
 
 def _fsync_dir(folder: Path) -> None:

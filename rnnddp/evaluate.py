@@ -62,6 +62,12 @@ def checkpoint_path(target: str | Path) -> Path:
     return path
 
 
+def model_checkpoint(target: str | Path) -> Path:
+    """A run directory's best.pt (validation's choice) when it has one, else what evaluate would take."""
+    best = Path(target) / "checkpoints" / "best.pt"
+    return best if Path(target).is_dir() and best.is_file() else checkpoint_path(target)
+
+
 def plots_dir(path: Path) -> Path:
     """Where evaluate draws for checkpoint ``path``: its run's plots/ (or beside a lone .pt file)."""
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -80,6 +86,16 @@ def restore(target: str | Path, overrides: list[str], device: torch.device | Non
     state = checkpoint.load(path)
     if not isinstance(state, dict) or "model_args" not in state or "model" not in state:
         raise UserError(f"{path} is not an rnnddp checkpoint (no model or model_args)")
+    if state.get("format", 1) > checkpoint.FORMAT:
+        raise UserError(
+            f"checkpoint {path} has format {state['format']}, newer than this rnnddp reads ({checkpoint.FORMAT}); "
+            "upgrade rnnddp"
+        )
+    saved_task = (state.get("config") or {}).get("task", "classify")
+    if saved_task not in TASKS:
+        raise UserError(
+            f"checkpoint {path} is of task={saved_task}, which this rnnddp does not know (known: {', '.join(TASKS)})"
+        )
     cfg = from_saved(state.get("config") or {}, overrides)
     task = TASKS[cfg.task](cfg, DistInfo(device=device or torch.device("cpu")))
     args = state["model_args"]

@@ -17,20 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from rnnddp import dist
 from rnnddp.errors import UserError
-from rnnddp.evaluate import Restored, checkpoint_path, restore
+from rnnddp.evaluate import Restored, model_checkpoint, restore
 from rnnddp.tasks.language_model import LanguageModel, next_token_distribution
-
-
-def model_checkpoint(target: str) -> Path:
-    """A run directory's best.pt (validation's choice) when it has one, else what evaluate would take."""
-    best = Path(target) / "checkpoints" / "best.pt"
-    return best if Path(target).is_dir() and best.is_file() else checkpoint_path(target)
 
 
 @torch.no_grad()

@@ -35,9 +35,7 @@ from rnnddp.train.step import TrainStep
 from rnnddp.train.trainer import Batches, Trainer
 
 log = logging.getLogger("rnnddp")
-# Checkpoints carry this; 2 = trained without the validation split's samples, task settings in
-# their own sections. Earlier ones evaluate, but do not resume.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = checkpoint.FORMAT
 
 
 def find_resume_point(cfg: Any, manager: CheckpointManager) -> Path | None:
