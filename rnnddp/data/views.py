@@ -50,14 +50,34 @@ class ImageView:
         return ImageView(self.name, perm, self.mean, self.std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255.0)
-        if self.mean is not None and self.std is not None:
-            x = x.sub_(self.mean).div_(self.std)
-        if self.name == "rows":
-            return x
-        if self.name == "columns":
-            return x.transpose(1, 2).contiguous()  # contiguous: cuDNN's RNN wants dense input
-        flat = x.reshape(x.shape[0], -1)
-        if self.permutation is not None:
-            flat = flat[:, self.permutation.to(flat.device)]
-        return flat.unsqueeze(-1)
+        return view_images(images, self.name, self.permutation, self.mean, self.std)
+
+    def module(self) -> torch.nn.Module:
+        """The view as a module (an exported graph's first step: uint8 images in)."""
+        return ViewModule(self)
+
+
+def view_images(
+    images: torch.Tensor, name: str, permutation: torch.Tensor | None, mean: float | None, std: float | None
+) -> torch.Tensor:
+    x = images.float() / 255.0
+    if mean is not None and std is not None:
+        x = (x - mean) / std
+    if name == "rows":
+        return x
+    if name == "columns":
+        return x.transpose(1, 2).contiguous()  # contiguous: cuDNN's RNN wants dense input
+    flat = x.reshape(x.shape[0], -1)
+    if permutation is not None:
+        flat = flat[:, permutation.to(flat.device)]
+    return flat.unsqueeze(-1)
+
+
+class ViewModule(torch.nn.Module):
+    def __init__(self, view: ImageView) -> None:
+        super().__init__()
+        self.name, self.mean, self.std = view.name, view.mean, view.std
+        self.register_buffer("permutation", view.permutation, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return view_images(images, self.name, self.permutation, self.mean, self.std)

@@ -20,6 +20,7 @@ from torch import nn
 from rnnddp.data.batches import Split
 from rnnddp.dist import DistInfo
 from rnnddp.errors import UserError
+from rnnddp.export.graphs import Tensor
 from rnnddp.metrics import Metric
 from rnnddp.train.trainer import Batches
 
@@ -42,6 +43,16 @@ class Splits:
     train: Split
     val: Split | None  # None: no validation (no periodic evaluation, no best.pt)
     test: Split
+
+
+@dataclass
+class Serving:
+    """What an exported model takes from a caller, and what a server needs to know (rnnddp-export)."""
+
+    prepare: nn.Module  # the caller's input -> the network's, inside the graph (normalisation, the view)
+    given: Tensor  # the caller's input
+    lengths: bool  # the graph also takes each sequence's length
+    meta: dict[str, Any]  # into serving.json: class names, the vocabulary, what prepare does
 
 
 class Task:
@@ -131,3 +142,7 @@ class Task:
             f"{path} is a task={self.name} model; rnnddp-predict takes digit images (task=classify) "
             "or sequences (the sequence tasks)"
         )
+
+    def serving(self) -> Serving:
+        """The exported graph's input and what travels with it (``rnnddp-export``)."""
+        raise UserError(f"task={self.name} cannot be exported yet")

@@ -22,9 +22,10 @@ from rnnddp.data.images import load_image
 from rnnddp.data.mnist import DATASETS, load_dataset, locate_dataset
 from rnnddp.data.views import IMAGE_VIEWS, VIEWS, ImageView, make_permutation
 from rnnddp.errors import UserError
+from rnnddp.export.graphs import Tensor
 from rnnddp.metrics import Metric
 from rnnddp.models import classifier_args
-from rnnddp.tasks.base import Picture, Splits, Task, per_class_report
+from rnnddp.tasks.base import Picture, Serving, Splits, Task, per_class_report
 
 VAL_SEED = 20_260_601  # the validation draw: fixed, so every run of a data set validates on the same images
 
@@ -199,3 +200,18 @@ class Classify(Task):
         probs = torch.softmax(module(self.view(pixels)).float(), dim=1)
         conf, labels = probs.max(dim=1)
         return [f"{f}\t{int(y)}\t{float(c):.4f}" for f, y, c in zip(files, labels, conf, strict=True)]
+
+    def serving(self) -> Serving:
+        v = self.view
+        images = Tensor(
+            "images",
+            "uint8",
+            ["batch", 28, 28],
+            "28x28 grayscale digits, bright on dark as MNIST (invert paper scans)",
+            256,
+        )
+        prepare = {"scale": "x / 255", "view": v.name, "permuted": v.permutation is not None}
+        if v.mean is not None:
+            prepare.update(mean=v.mean, std=v.std)
+        meta = {"classes": [str(k) for k in range(10)], "preparation_in_graph": prepare}
+        return Serving(v.module(), images, lengths=False, meta=meta)

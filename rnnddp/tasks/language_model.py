@@ -26,8 +26,9 @@ from torch import nn
 from rnnddp.data.streams import StreamBatches, TextTokens, eval_chunks
 from rnnddp.data.text import PreparedText, Tokenizer, TokenStream, encode_file, open_text
 from rnnddp.errors import UserError
+from rnnddp.export.graphs import Tensor
 from rnnddp.metrics import Metric
-from rnnddp.tasks.base import Splits, Task
+from rnnddp.tasks.base import Serving, Splits, Task
 from rnnddp.train.carry import CarriedState, block_rows, detach_state
 
 
@@ -254,6 +255,15 @@ class LanguageModel(Task):
 
     def predict(self, module: nn.Module, files: list[str], path: Path) -> list[str]:
         raise UserError(f"{path} is a language model; continue a text with rnnddp-generate {path} --prompt TEXT")
+
+    def serving(self) -> Serving:
+        tok = self.tokenizer
+        if tok is None:
+            raise UserError("the checkpoint holds no tokenizer; export a checkpoint this rnnddp wrote")
+        tokens = Tensor("tokens", "int64", ["batch", "time"], f"token ids of the {tok.kind} tokenizer", tok.vocab_size)
+        return Serving(
+            nn.Identity(), tokens, lengths=False, meta={"tokenizer": tok.to_dict(), "metric": self.metric.name}
+        )
 
 
 def next_token_distribution(logp: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:

@@ -22,7 +22,8 @@ from torch import nn
 from rnnddp.data.readers import read_sequence_file
 from rnnddp.data.sequences import TARGET_KINDS, PaddedBatch, SequenceBatches, SplitArrays, open_prepared, pad_batch
 from rnnddp.errors import UserError
-from rnnddp.tasks.base import Splits, Task
+from rnnddp.export.graphs import Standardise, Tensor
+from rnnddp.tasks.base import Serving, Splits, Task
 
 # The manifest's target kind -> the task that trains it.
 TASK_OF_TARGET = {
@@ -135,6 +136,14 @@ class PreparedSequences(Task):
             out = module(torch.from_numpy(x)[None].to(self.info.device), torch.tensor([len(x)])).float().cpu()
             lines += self.predict_lines(f, out[0])
         return lines
+
+    def serving(self) -> Serving:
+        features = self.data.feature_count
+        x = Tensor("x", "float32", ["batch", "time", features], "sequences as the data files hold them, zero-padded")
+        meta: dict[str, Any] = {"classes": self.data.class_names}
+        if self.mean is not None:
+            meta["preparation_in_graph"] = {"standardise": {"mean": self.mean.tolist(), "std": self.std.tolist()}}
+        return Serving(Standardise(self.mean, self.std), x, lengths=True, meta=meta)
 
     def predict_lines(self, file: str, output: torch.Tensor) -> list[str]:
         """The printed lines for one sequence's network output (logits [C], or per step [T, C] / [T, K])."""

@@ -27,9 +27,10 @@ from torch.utils.data import DistributedSampler
 from rnnddp import plots
 from rnnddp.data.batches import Split, check_batch, rank_batches
 from rnnddp.errors import UserError
+from rnnddp.export.graphs import Tensor
 from rnnddp.metrics import Metric
 from rnnddp.models import regressor_args
-from rnnddp.tasks.base import Picture, Splits, Task
+from rnnddp.tasks.base import Picture, Serving, Splits, Task
 from rnnddp.train.carry import CarriedState, interleaved_rows
 
 DT = math.pi / 10  # the seed program's spacing: 10 steps per pi
@@ -229,3 +230,7 @@ class SineRegression(Task):
     def report(self, result: dict[str, Any], split: Split) -> list[str]:
         steps = split.targets.shape[1]
         return [f"test mse {result['mse']:.6f}  ({result['samples']} test sequences of {steps} steps)"]
+
+    def serving(self) -> Serving:
+        x = Tensor("x", "float32", ["batch", "time", 1], "sin(t) at each step; the state carries from chunk to chunk")
+        return Serving(nn.Identity(), x, lengths=False, meta={"output": "cos(t) at each step"})
