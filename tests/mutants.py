@@ -516,6 +516,22 @@ MUTANTS = [
         "            pass",
         ("tests/unit/test_averaging.py::test_a_job_stopped_and_resumed_ends_with_the_same_averaged_weights",),
     ),
+    Mutant(
+        "export_state",
+        "an exported language model continues from the state it is given",
+        "rnnddp/export/graphs.py",
+        "            x, s = self.run(layer, x, None, _pack(layer, state[k * n : (k + 1) * n]))",
+        "            x, s = self.run(layer, x, None, None)",
+        ("tests/e2e/test_export.py::test_language_model_stepped_with_its_state_gives_the_jobs_test_figure",),
+    ),
+    Mutant(
+        "export_time_length",
+        "an exported model takes any time length, not only its example's",
+        "rnnddp/export/write.py",
+        "    return {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}",
+        '    return {i: d for i, d in enumerate(t.shape) if d == "batch"}',
+        ("tests/e2e/test_export.py::test_sequence_classifier_takes_any_batch_of_unequal_lengths",),
+    ),
 ]
 
 
