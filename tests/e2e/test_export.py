@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +30,13 @@ from rnnddp.dist import DistInfo
 from rnnddp.evaluate import restore, run_evaluation
 from rnnddp.export.cli import main as export_main
 from rnnddp.export.write import export_model
+from rnnddp.generate import generate
 from rnnddp.models import initial_model
+from rnnddp.predict import predict
 from rnnddp.prepare import main as prepare_main
 from rnnddp.prepare import prepare
 from rnnddp.tasks import TASKS
-from tests.conftest import DATA_ROOT, run_cli
+from tests.conftest import DATA_ROOT, REPO, run_cli
 from tests.sequence_files import write_step_files
 
 SHAKESPEARE = DATA_ROOT / "text" / "tinyshakespeare" / "input.txt"
@@ -342,3 +346,46 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(mnist_root: Path, tmp_p
     proc = run_cli("rnnddp.export.cli", run, "--format", "onnx", "--out", tmp_path / "served")
     assert proc.returncode == 0, proc.stderr
     assert "max difference" in proc.stdout and (tmp_path / "served" / "model.onnx").is_file()
+
+
+# -- docs/serving.md's server: onnxruntime and NumPy only ----------------------------------------------
+
+
+def run_example(*args: object) -> str:
+    """examples/serve_onnx.py in a fresh interpreter where importing torch or rnnddp fails."""
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.modules['rnnddp'] = None; "
+        f"sys.argv = ['serve_onnx.py', *{[str(a) for a in args]!r}]; "
+        f"runpy.run_path({str(REPO / 'examples' / 'serve_onnx.py')!r}, run_name='__main__')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_the_serving_example_answers_as_predict_and_generate(mnist_root, vowels, text_folder, tmp_path: Path):
+    from PIL import Image, ImageOps
+
+    digits = make_run(tmp_path / "digits", [f"data.root={mnist_root}", "model.hidden_size=16"])
+    r = restore(digits, [])
+    # A real test digit as a user has it: dark ink on white paper, larger than 28x28.
+    digit = Image.fromarray(r.task.load().test.inputs[7].numpy())
+    ImageOps.invert(digit).resize((84, 84)).save(tmp_path / "digit.png")
+    export_model(digits, "onnx", tmp_path / "digits_onnx")
+    assert run_example(tmp_path / "digits_onnx", tmp_path / "digit.png").splitlines() == predict(
+        digits, [str(tmp_path / "digit.png")]
+    )
+
+    seqs = make_run(tmp_path / "seqs", ["task=sequence_classification", f"sequences.path={vowels}"])
+    raw = restore(seqs, []).task.load().test.sequence(3).astype(np.float32)
+    np.save(tmp_path / "vowel.npy", raw)
+    export_model(seqs, "onnx", tmp_path / "seqs_onnx")
+    assert run_example(tmp_path / "seqs_onnx", tmp_path / "vowel.npy").splitlines() == predict(
+        seqs, [str(tmp_path / "vowel.npy")]
+    )
+
+    lm = make_run(tmp_path / "lm", ["task=language_model", f"lm.path={text_folder}", "model.hidden_size=24"])
+    export_model(lm, "onnx", tmp_path / "lm_onnx")
+    ids, _ = generate(restore(lm, []), "ROMEO:", 40, temperature=0)
+    text = run_example(tmp_path / "lm_onnx", "--prompt", "ROMEO:", "--tokens", 40, "--temperature", 0)
+    assert text.rstrip("\n") == "ROMEO:" + restore(lm, []).task.tokenizer.decode(ids)
