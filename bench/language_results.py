@@ -2,7 +2,8 @@
 
     python -m bench.language_results shakespeare --root ../shared/data/text --nproc 2
     python -m bench.language_results ptb --root ../shared/data/text --nproc 2 --epochs 1 \\
-        model.hidden_size=200 lm.emb_size=200 model.dropout=0.2 lm.dropout_emb=0.2 lm.dropout_out=0.2
+        model.hidden_size=200 lm.emb_size=200 model.dropout=0.2 lm.dropout_emb=0.2 lm.dropout_out=0.2 \\
+        sched.name=constant
 
 The corpus is prepared into a temporary folder (tiny-shakespeare at character level, the Penn
 Treebank at word level with its own validation and test files), then ``configs/<config>.yaml``
