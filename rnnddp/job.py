@@ -294,6 +294,10 @@ def _train_and_test(
     changes: resume.Changes | None = None,
 ) -> int:
     run_dir = Path(cfg.run_dir)
+    previous = run_dir / "metrics.jsonl"
+    # Records of an earlier attempt without an intact checkpoint (killed before its first save, or every
+    # checkpoint damaged): this run starts over, and says so, so that those records stop counting.
+    restarting = state is None and previous.is_file() and previous.stat().st_size > 0
     built = build_trainer(cfg, info, manager, task=task, splits=splits, batches=batches, stop=stop)
     trainer = built.trainer
     if state is not None:
@@ -353,6 +357,9 @@ def _train_and_test(
                 **slurm,
                 **extra,
             )
+        elif restarting:
+            log.warning("%s holds an earlier attempt's records but no intact checkpoint: starting over", run_dir)
+            trainer.logger.event("restart", 0, reason="no intact checkpoint")
         if info.is_main and cfg.eval.plots:
             plots.preload()  # only rank 0 draws
         if trained:  # trained to the end before, but stopped before its final test

@@ -227,6 +227,11 @@ class MetricsLogger:
         self._wandb_run = None
 
 
+# Events after which the records past their step no longer count: a resume at step N (steps N+1.. were
+# redone), and a restart of a run directory that holds no intact checkpoint (everything is redone).
+VOIDING_EVENTS = ("resume", "restart")
+
+
 def event_line(name: str, step: int, **fields: Any) -> str:
     """One metrics.jsonl event record, newline included."""
     return json.dumps({"step": step, "time": round(time.time(), 3), "event": name, **fields}) + "\n"
@@ -234,7 +239,7 @@ def event_line(name: str, step: int, **fields: Any) -> str:
 
 def _kept_records(path: Path, size: int) -> list[dict[str, Any]]:
     """The metric records among the first ``size`` bytes of a metrics.jsonl that still count: a
-    ``resume`` event at step N voids the records after N before it (steps that were redone)."""
+    ``resume`` event at step N (or a ``restart``, at 0) voids the records after N before it (steps redone)."""
     with path.open("rb") as f:
         lines = f.read(size).decode(errors="replace").splitlines()
     kept: list[dict[str, Any]] = []
@@ -243,7 +248,7 @@ def _kept_records(path: Path, size: int) -> list[dict[str, Any]]:
             r = json.loads(line)
         except ValueError:
             continue  # a line cut by a kill
-        if r.get("event") == "resume":
+        if r.get("event") in VOIDING_EVENTS:
             kept = [k for k in kept if k["step"] <= r["step"]]
         elif "event" not in r and isinstance(r.get("step"), int):
             kept.append(r)

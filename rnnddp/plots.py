@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rnnddp.metrics import Metric
+from rnnddp.metrics import VOIDING_EVENTS, Metric
 
 
 def pyplot():
@@ -38,13 +38,13 @@ def preload() -> threading.Thread:
 
 
 def effective_records(metrics_path: Path) -> list[dict]:
-    """metrics.jsonl records that count: a ``resume`` event at step N voids the later records before it."""
+    """metrics.jsonl records that count: a ``resume`` event at step N (a ``restart``: 0) voids the later records before it."""
     records: list[dict] = []
     for line in metrics_path.read_text().splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec.get("event") == "resume":
+        if rec.get("event") in VOIDING_EVENTS:
             records = [r for r in records if r["step"] <= rec["step"]]
         elif "event" not in rec:
             records.append(rec)

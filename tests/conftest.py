@@ -15,6 +15,7 @@ import torch
 
 from rnnddp import launch
 from rnnddp.launch import REPO, free_port  # noqa: F401  (tests import them from here)
+from rnnddp.metrics import VOIDING_EVENTS
 
 # A suite started in the background (nohup, `cmd &` in a script, some CI runners) inherits SIGINT ignored,
 # and so would every job it starts: the tests that send Ctrl-C need the handler a terminal user has.
@@ -151,7 +152,7 @@ def effective_train_steps(run_dir: Path) -> list[int]:
     """Train-log steps that count toward the final model: a resume at step N voids later records."""
     steps: list[int] = []
     for m in read_metrics(run_dir):
-        if m.get("event") == "resume":
+        if m.get("event") in VOIDING_EVENTS:
             steps = [s for s in steps if s <= m["step"]]
         elif "train/loss" in m:
             steps.append(m["step"])
