@@ -206,13 +206,13 @@ class LanguageModel(nn.Module):
         )
         self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(top, vocab_size, cutoffs) if cutoffs else None
         self.decoder = None if cutoffs else nn.Linear(top, vocab_size)
-        # As pytorch/examples and AWD-LSTM: small embeddings. nn.Embedding's N(0, 1) makes a tied decoder's
-        # first logits ~sqrt(emb_size) wide, and the model spends its first epoch undoing that.
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        if self.decoder is not None:
+        if self.decoder is not None and tie_weights:
+            # Tied: small embeddings, as pytorch/examples and AWD-LSTM. nn.Embedding's N(0, 1) as the decoder
+            # makes the first logits ~sqrt(emb_size) wide. Untied, N(0, 1) inputs learn faster early on
+            # (docs/results.md has both measurements).
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
             nn.init.zeros_(self.decoder.bias)
-            if tie_weights:
-                self.decoder.weight = self.embedding.weight
+            self.decoder.weight = self.embedding.weight
 
     def forward(
         self, tokens: torch.Tensor, state: list | None = None, targets: torch.Tensor | None = None
