@@ -22,7 +22,7 @@ from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import to_dict, to_yaml
 from rnnddp.dist import DistInfo
 from rnnddp.errors import EXIT_STOPPED, UserError, require_writable
-from rnnddp.metrics import MetricsLogger, event_line, new_run_id
+from rnnddp.metrics import MetricsLogger, event_line, kept_records, new_run_id
 from rnnddp.models import initial_model, place
 from rnnddp.plots import write_plots
 from rnnddp.preemption import StopRequest
@@ -297,7 +297,7 @@ def _train_and_test(
     previous = run_dir / "metrics.jsonl"
     # Records of an earlier attempt without an intact checkpoint (killed before its first save, or every
     # checkpoint damaged): this run starts over, and says so, so that those records stop counting.
-    restarting = state is None and previous.is_file() and previous.stat().st_size > 0
+    restarting = state is None and previous.is_file() and bool(kept_records(previous))
     built = build_trainer(cfg, info, manager, task=task, splits=splits, batches=batches, stop=stop)
     trainer = built.trainer
     if state is not None:

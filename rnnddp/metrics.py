@@ -170,7 +170,7 @@ class MetricsLogger:
         log.info("wandb: %s run %s in %s", mode, self.run_id, run.dir)
         jsonl, size, resumed_at = self._backfill
         if resumed_at is not None and resumed_at > self._wandb_has:
-            rows = [r for r in _kept_records(jsonl, size) if self._wandb_has < r["step"] <= resumed_at]
+            rows = [r for r in kept_records(jsonl, size) if self._wandb_has < r["step"] <= resumed_at]
             for r in rows:
                 run.log({k: v for k, v in r.items() if k not in ("step", "time")}, step=r["step"])
             if rows:
@@ -237,11 +237,11 @@ def event_line(name: str, step: int, **fields: Any) -> str:
     return json.dumps({"step": step, "time": round(time.time(), 3), "event": name, **fields}) + "\n"
 
 
-def _kept_records(path: Path, size: int) -> list[dict[str, Any]]:
+def kept_records(path: Path, size: int | None = None) -> list[dict[str, Any]]:
     """The metric records among the first ``size`` bytes of a metrics.jsonl that still count: a
     ``resume`` event at step N (or a ``restart``, at 0) voids the records after N before it (steps redone)."""
     with path.open("rb") as f:
-        lines = f.read(size).decode(errors="replace").splitlines()
+        lines = f.read(-1 if size is None else size).decode(errors="replace").splitlines()
     kept: list[dict[str, Any]] = []
     for line in lines:
         try:

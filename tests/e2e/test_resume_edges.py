@@ -204,3 +204,22 @@ def test_lengthening_a_run_continues_it_as_if_it_had_been_that_long(tmp_path: Pa
     lrs = {m["step"]: m["train/lr"] for m in read_metrics(cycle) if "train/lr" in m}
     for step in (7, 8):  # the LR logged after step s is the one for step s + 1 (0-based s)
         assert lrs[step] == pytest.approx(cfg.optim.lr * lr_factor(step, 9, cfg.sched), rel=1e-9)
+
+
+def test_journey_only_checkpoint_damaged_then_rerun_starts_over_once(tmp_path: Path):
+    """Found by the journeys (tests/journeys/): a finished run kept only its newest checkpoint; a user
+    damaged it; the rerun started over and appended steps 1, 2, ... after the old 1..9 in metrics.jsonl,
+    so each step counted twice. Now it starts over with a ``restart`` event that voids the old records."""
+    data = tiny_prepared(tmp_path)
+    run_dir = tmp_path / "run"
+    assert run_in_process(args(data, run_dir, "checkpoint.keep=1")) == 0
+    assert "restart" not in [m.get("event") for m in read_metrics(run_dir)]  # a fresh run is no restart
+    (only,) = CheckpointManager(run_dir).step_files()
+    raw = bytearray(only.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    only.write_bytes(bytes(raw))
+    assert run_in_process(args(data, run_dir, "checkpoint.keep=1", "debug.stop_at_step=2")) == EXIT_STOPPED
+    assert [m["step"] for m in read_metrics(run_dir) if m.get("event") == "restart"] == [0]
+    assert effective_train_steps(run_dir) == [1, 2]
+    assert run_in_process(args(data, run_dir, "checkpoint.keep=1")) == 0
+    assert effective_train_steps(run_dir) == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
