@@ -516,6 +516,35 @@ MUTANTS = [
         "            pass",
         ("tests/unit/test_averaging.py::test_a_job_stopped_and_resumed_ends_with_the_same_averaged_weights",),
     ),
+    # The journeys (tests/journeys/) must find these three by walking, not by a test written for them.
+    Mutant(
+        "journeys_stop_position",
+        "a stop on an epoch's last step resumes exactly (the stop_position fix), found by the fixed journeys",
+        "rnnddp/train/trainer.py",
+        """                    saved = self._after_step(bar)
+                    if self.finished:  # the last step finishes the run instead: test (seconds), exit 0
+                        break
+                    if vote(self.stop.requested):""",
+        """                    saved = False
+                    if not self.finished and vote(self.stop.requested):""",
+        ("tests/e2e/test_journeys.py",),
+    ),
+    Mutant(
+        "journeys_resume_refusal",
+        "a rerun with an unsafe setting is refused, nothing written, found by the fixed journeys",
+        "rnnddp/resume.py",
+        "    if refused:",
+        "    if False:",
+        ("tests/e2e/test_journeys.py",),
+    ),
+    Mutant(
+        "journeys_commit_marker",
+        "a checkpoint counts once its .sha256 marker is written, before latest moves, found by the fixed journeys",
+        "rnnddp/checkpoint.py",
+        '            _write_atomic(Path(str(path) + ".sha256"), (digest + "\\n").encode())\n',
+        "",
+        ("tests/e2e/test_journeys.py",),
+    ),
     Mutant(
         "export_state",
         "an exported language model continues from the state it is given",

@@ -1,0 +1,315 @@
+"""Random user journeys through one run directory's life, as a Hypothesis state machine.
+
+A journey draws a task (digits by rows on MNIST, the sine regressor with its carried state, prepared
+sequences, a character language model), each on a tiny model whose run is 8 or 9 steps, then acts as
+a user does, in any order: run it; stop it with SIGTERM, SIGUSR1 or SIGINT after any step (the
+first, an epoch's last, the run's last); SIGKILL it after any step; rerun with a safe setting
+changed (kept) or an unsafe one (refused once a checkpoint exists); rerun on two torchrun ranks;
+flip bytes in or truncate the newest checkpoint; delete ``latest``; evaluate; predict. After every
+action the promises of tests/journeys/promises.py are checked. Failures shrink to a shortest journey.
+
+One-rank runs, stops, evaluate and predict run in this process (``rnnddp.job.run``: the job's own
+code, its signal handlers catching a real signal); a SIGKILL and two ranks are real processes
+(train_ddp.py, torchrun over gloo). W&B is on, offline, as a user without a key has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from rnnddp import checkpoint
+from rnnddp.config import load_config
+from rnnddp.dist import DistInfo
+from rnnddp.errors import UserError
+from rnnddp.job import run as run_job_in_process
+from rnnddp.tasks import TASKS
+from tests.conftest import DATA_ROOT, run_job
+from tests.journeys import promises
+from tests.sequence_files import tiny_prepared
+
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+SAFE_CHANGES = ("checkpoint.every_steps=1", "checkpoint.keep=1", "eval.batch_size=5", "dist.timeout_s=120")
+UNSAFE_CHANGES = ("model.hidden_size=12", "optim.lr=0.02", "seed=9", "train.global_batch_size=16")
+
+
+@dataclass
+class Task:
+    name: str
+    args: list[str]
+    predict_file: Path | None  # a file rnnddp-predict takes (None: the task refuses predict)
+    steps: int = 0  # the whole run's optimiser steps
+    epoch_steps: int = 0  # steps per epoch
+
+    def __post_init__(self) -> None:
+        cfg = load_config(self.args)
+        task = TASKS[cfg.task](cfg, DistInfo())
+        self.epoch_steps = task.train_batches(task.load().train).steps_per_epoch
+        self.steps = min(cfg.train.max_steps or 10**9, cfg.train.epochs * self.epoch_steps)
+
+    def edges(self) -> list[int]:
+        """The steps where a stop or a kill is likeliest to go wrong: the first, each epoch's last, the run's last."""
+        return sorted({1, self.steps, *range(self.epoch_steps, self.steps + 1, self.epoch_steps)})
+
+
+@dataclass
+class Stats:
+    """What the journeys covered (the long run prints it)."""
+
+    journeys: int = 0
+    actions: Counter = field(default_factory=Counter)
+    pairs: Counter = field(default_factory=Counter)
+    tasks: Counter = field(default_factory=Counter)
+    events: Counter = field(default_factory=Counter)  # the edges a journey reached (the suite's run needs some)
+
+
+STATS = Stats()
+_REFERENCES: dict[tuple, dict[str, torch.Tensor]] = {}
+_DATA: dict[str, Task] = {}
+
+
+def data_root() -> Path:
+    root = Path(tempfile.gettempdir()) / f"rnnddp-journeys-{os.getpid()}"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def make_task(name: str) -> Task:
+    """The task's tiny data (made once per process) and its arguments: runs of 8 or 9 steps."""
+    if name in _DATA:
+        return _DATA[name]
+    root = data_root() / name
+    root.mkdir(exist_ok=True)
+    common = ["train.log_every_steps=1", "checkpoint.every_steps=3", "eval.plots=false", "model.hidden_size=8"]
+    if name == "rows":  # MNIST: 8 steps inside the first epoch, validation every 4
+        from PIL import Image
+
+        Image.new("L", (28, 28), color=30).save(root / "digit.png")
+        args = [f"data.root={DATA_ROOT}", "data.val_size=300", "train.global_batch_size=32", "train.max_steps=8"]
+        task = Task(name, [*args, "eval.every_steps=4", *common], root / "digit.png")
+    elif name == "sine":  # 2 epochs of 4 chunks, the state carried
+        args = ["task=sine_regression", "sine.sequences=32", "sine.val_sequences=16", "sine.test_sequences=16"]
+        task = Task(name, [*args, "sine.length=40", "train.global_batch_size=32", "train.epochs=2", *common], None)
+    elif name == "sequences":  # 3 epochs of 3 steps
+        folder = tiny_prepared(root)
+        np.save(root / "seq.npy", np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32))
+        args = ["task=sequence_classification", f"sequences.path={folder}", "train.global_batch_size=8"]
+        task = Task(name, [*args, "train.epochs=3", *common], root / "seq.npy")
+    else:  # text: 2 epochs of 4 steps over 8 stripes, the state carried
+        from rnnddp.data.text import prepare_text
+
+        text = root / "small.txt"
+        text.write_text((DATA_ROOT / "text" / "tinyshakespeare" / "input.txt").read_text()[:1300])
+        if not (root / "chars").exists():
+            prepare_text(text, root / "chars", "char")
+        args = ["task=language_model", f"lm.path={root / 'chars'}", "lm.bptt=32", "lm.emb_size=8", "lm.eval_stripes=2"]
+        opt = ["optim.name=sgd", "optim.lr=1.0"]
+        task = Task(name, [*args, "train.global_batch_size=8", "train.epochs=2", *opt, *common], None)
+    _DATA[name] = task
+    return task
+
+
+def quiet_run(argv: list[str]) -> int:
+    """The job on one process in this one, as train_ddp.py runs it: its exit code (UserError: 2)."""
+    torch.set_num_threads(1)  # as the launched jobs (OMP_NUM_THREADS=1): the same sums, bit for bit
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return run_job_in_process(load_config(argv), DistInfo())
+    except UserError:
+        return 2
+
+
+def reference(task: Task, settings: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The parameters of an uninterrupted one-process run with these settings (computed once)."""
+    key = (task.name, settings)
+    if key not in _REFERENCES:
+        run_dir = Path(tempfile.mkdtemp(prefix="rnnddp-journey-ref-"))
+        try:
+            assert quiet_run([*task.args, *settings, f"run_dir={run_dir}", "wandb.mode=disabled"]) == 0
+            found = checkpoint.CheckpointManager(run_dir).find_latest()
+            _REFERENCES[key] = {k: v.clone() for k, v in torch.load(found, weights_only=True)["model"].items()}
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return _REFERENCES[key]
+
+
+class Journey(RuleBasedStateMachine):
+    """One run directory; the model of what the job must have done with it so far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="rnnddp-journey-"))
+        self.run_dir = self.dir / "run"
+        self.settings: list[str] = []  # the unsafe keys the run trains with (set by its first run)
+        self.finished = False  # the newest intact checkpoint is the run's end
+        self.ever_finished = False
+        self.two_ranks = False
+        self.damaged = False  # the user damaged a checkpoint or latest since the last run
+        self.stopped_at_epoch_end = False
+        self.last: str | None = None
+        STATS.journeys += 1
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- the model ------------------------------------------------------------------------------
+    def argv(self, *extra: str) -> list[str]:
+        return [*self.task.args, *self.settings, f"run_dir={self.run_dir}", "wandb.mode=offline", *extra]
+
+    def step(self) -> int:
+        """The step the next run resumes from: the newest intact checkpoint's (0 when none)."""
+        found = checkpoint.CheckpointManager(self.run_dir).find_latest() if self.run_dir.exists() else None
+        return int(torch.load(found, weights_only=True)["global_step"]) if found else 0
+
+    def act(self, action: str, code_of: Any, predicted: int | None, changes: list[str] | None = None) -> int:
+        STATS.actions[action] += 1
+        STATS.pairs[(self.last, action)] += 1
+        self.last = action
+        before = promises.snapshot(self.run_dir)
+        code = code_of()
+        after = promises.snapshot(self.run_dir)
+        promises.exit_code(action, code, predicted)
+        promises.refusal_wrote_nothing(code, before, after)
+        if action not in ("evaluate", "predict"):
+            self.damaged = False
+            if code != 2 and changes is not None:
+                self.settings = changes
+            if code == 0:
+                self.finished = self.ever_finished = True
+                if self.stopped_at_epoch_end:
+                    STATS.events["finished after a stop on an epoch's last step"] += 1
+            if self.step() > 0:
+                STATS.events["a checkpoint written"] += 1
+        return code
+
+    # -- actions --------------------------------------------------------------------------------
+    @initialize(name=st.sampled_from(["sequences", "sine", "rows", "text"]))
+    def choose_task(self, name: str) -> None:
+        self.task = make_task(name)
+        STATS.tasks[name] += 1
+
+    @rule()
+    def run(self) -> None:
+        self.act("run", lambda: quiet_run(self.argv()), 0)
+
+    def draw_step(self, data: st.DataObject) -> int:
+        """A step after which to act: often an edge, otherwise any step of the run (or one past its end)."""
+        return data.draw(st.one_of(st.sampled_from(self.task.edges()), st.integers(1, self.task.steps + 1)))
+
+    @rule(data=st.data(), signal=st.sampled_from(SIGNALS))
+    def stop(self, data: st.DataObject, signal: str) -> None:
+        at = self.draw_step(data)
+        now = self.step()
+        predicted = 75 if now < at < self.task.steps and not self.finished else 0
+        code = self.act(
+            "stop",
+            lambda: quiet_run(self.argv(f"debug.stop_at_step={at}", f"train.stop_signals=[{signal}]")),
+            predicted,
+        )
+        if code == 75:
+            assert self.step() == at, f"stopped after step {at}, the newest checkpoint is at {self.step()}"
+            self.finished = False
+            if at % self.task.epoch_steps == 0:
+                STATS.events["a stop on an epoch's last step"] += 1
+                self.stopped_at_epoch_end = True
+
+    @rule(data=st.data())
+    def kill(self, data: st.DataObject) -> None:
+        at = self.draw_step(data)
+        now = self.step()
+        predicted = -9 if now < at <= self.task.steps and not self.finished else 0
+
+        def killed() -> int:
+            proc = run_job(self.argv(f"debug.fail_at_step={at}"), nproc=1, check=False)
+            return proc.returncode
+
+        code = self.act("kill", killed, predicted)
+        if code == -9:
+            self.finished = False
+
+    @rule(change=st.sampled_from(SAFE_CHANGES))
+    def rerun_safe(self, change: str) -> None:
+        self.act("rerun_safe", lambda: quiet_run(self.argv(change)), 0)
+
+    @rule(change=st.sampled_from(UNSAFE_CHANGES))
+    def rerun_unsafe(self, change: str) -> None:
+        refused = self.step() > 0 and change not in self.settings  # the run's own setting again is no change
+        if self.act("rerun_unsafe", lambda: quiet_run(self.argv(change)), 2 if refused else 0, [change]) == 2:
+            STATS.events["an unsafe rerun refused"] += 1
+
+    @rule()
+    def two_ranks(self) -> None:
+        self.act("two_ranks", lambda: run_job(self.argv(), nproc=2, check=False).returncode, 0)
+        self.two_ranks = True
+
+    @precondition(lambda self: self.step() > 0)
+    @rule(how=st.sampled_from(["flip", "truncate"]))
+    def damage_newest(self, how: str) -> None:
+        manager = checkpoint.CheckpointManager(self.run_dir)
+        newest = manager.step_files()[-1]
+        data = bytearray(newest.read_bytes())
+        if how == "flip":
+            data[len(data) // 2] ^= 0xFF
+        else:
+            data = data[: len(data) // 2]
+        newest.write_bytes(bytes(data))
+        self.damaged, self.finished = True, False
+        STATS.actions["damage_" + how] += 1
+        STATS.pairs[(self.last, "damage_" + how)] += 1
+        self.last = "damage_" + how
+
+    @precondition(lambda self: (self.run_dir / "checkpoints" / "latest").exists())
+    @rule()
+    def delete_latest(self) -> None:
+        (self.run_dir / "checkpoints" / "latest").unlink()
+        self.damaged = True
+        STATS.actions["delete_latest"] += 1
+        STATS.pairs[(self.last, "delete_latest")] += 1
+        self.last = "delete_latest"
+
+    @rule()
+    def evaluate(self) -> None:
+        from rnnddp.evaluate import main as evaluate
+
+        def code() -> int:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return evaluate([str(self.run_dir), "--no-plots"])
+
+        self.act("evaluate", code, 0 if self.step() > 0 else 2)
+
+    @rule()
+    def predict(self) -> None:
+        from rnnddp.predict import main as predict
+
+        def code() -> int:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                files = [str(self.task.predict_file)] if self.task.predict_file else [str(self.dir / "none.npy")]
+                return predict([str(self.run_dir), *files])
+
+        self.act("predict", code, 0 if self.step() > 0 and self.task.predict_file else 2)
+
+    # -- the promises after every action -----------------------------------------------------------
+    @invariant()
+    def promises_hold(self) -> None:
+        if not hasattr(self, "task"):
+            return
+        if not self.damaged:
+            promises.latest_is_complete(self.run_dir)
+        promises.steps_once(self.run_dir, self.task.steps if self.finished else None)
+        promises.config_is_the_runs(self.run_dir, dict(s.split("=", 1) for s in self.settings))
+        promises.test_at_the_end(self.run_dir, self.ever_finished, self.task.steps)
+        if self.finished:
+            ref = reference(self.task, tuple(self.settings))
+            promises.same_as_uninterrupted(self.run_dir, ref, exact=not self.two_ranks)
