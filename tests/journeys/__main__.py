@@ -1,5 +1,8 @@
 """Walk random journeys for a while: ``python -m tests.journeys --minutes 60 [--seed S] [--steps N]``.
 
+``--mutant NAME`` (a name in tests/mutants.py) walks them in a scratch copy with that mutant applied and
+stops at the first broken promise, printing how long finding it took (exit 1: found, 0: not found).
+
 Each batch of journeys runs under one seed (printed first, so a failure replays with ``--seed``);
 Hypothesis shrinks a failing journey to a shortest one and prints its steps. Prints, at the end:
 journeys, actions, distinct action pairs (of those possible), the tasks drawn, and the violations.
@@ -9,10 +12,14 @@ Exit status 1 if any promise broke.
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 from hypothesis import HealthCheck, seed, settings
 from hypothesis.stateful import run_state_machine_as_test
@@ -29,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="the first batch's seed (default: drawn, and printed)")
     p.add_argument("--steps", type=int, default=12, help="actions per journey, at most")
     p.add_argument("--batch", type=int, default=5, help="journeys per seed")
+    p.add_argument("--first", action="store_true", help="stop at the first broken promise")
+    p.add_argument("--mutant", help="walk a scratch copy with this mutant (tests/mutants.py) applied")
     a = p.parse_args(argv)
+    if a.mutant:
+        return walk_mutant(a.mutant, a.minutes, a.seed)
+    os.environ.setdefault("WANDB_SILENT", "true")
     rng = random.Random(a.seed)
     end = time.monotonic() + 60 * a.minutes
     violations: list[tuple[int, str]] = []
@@ -50,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # a broken promise: record it, go on walking
             violations.append((s, f"{type(e).__name__}: {e}"))
             traceback.print_exc()
+            if a.first:
+                break
     possible = len(ACTIONS) * len(ACTIONS)
     seen = {pair for pair in STATS.pairs if pair[0] is not None}
     print(f"\n{a.minutes:g} minutes: {batches} seeds, {STATS.journeys} journeys, {sum(STATS.actions.values())} actions")
@@ -60,6 +74,33 @@ def main(argv: list[str] | None = None) -> int:
     for s, what in violations:
         print(f"  seed {s}: {what.splitlines()[0][:300]}")
     return 1 if violations else 0
+
+
+def walk_mutant(name: str, minutes: float, first_seed: int | None) -> int:
+    from tests.mutants import DATA_ROOT, MUTANTS, apply, scratch_copy
+
+    mutant = next((m for m in MUTANTS if m.name == name), None)
+    if mutant is None:
+        print(f"no mutant {name!r}; python -m tests.mutants --list", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix=f"rnnddp-journeys-{name}-") as tmp:
+        root = Path(tmp)
+        scratch_copy(root)
+        apply(mutant, root)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(root),
+            "RNNDDP_TEST_DATA": os.environ.get("RNNDDP_TEST_DATA", str(DATA_ROOT)),
+        }
+        cmd = [sys.executable, "-m", "tests.journeys", "--minutes", str(minutes), "--first"]
+        cmd += ["--seed", str(first_seed)] if first_seed is not None else []
+        start = time.monotonic()
+        proc = subprocess.run(cmd, cwd=root, env=env, text=True, capture_output=True)
+        took = time.monotonic() - start
+    found = proc.returncode == 1
+    print(proc.stdout[-4000:])
+    print(f"mutant {name}: {'found' if found else 'NOT found'} after {took:.0f} s")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":
