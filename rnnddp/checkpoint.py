@@ -38,7 +38,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -159,10 +159,10 @@ class CheckpointManager:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-            _write_atomic(Path(str(path) + ".sha256"), (digest + "\n").encode())
+            write_atomic(Path(str(path) + ".sha256"), (digest + "\n").encode())
             if best:
                 self._link_best(path, digest)
-            _write_atomic(self.latest_pointer, (path.name + "\n").encode())
+            write_atomic(self.latest_pointer, (path.name + "\n").encode())
         except OSError as e:
             raise UserError(
                 f"cannot write checkpoint {path} ({e.strerror or e}); free disk space or make "
@@ -178,7 +178,7 @@ class CheckpointManager:
             tmp.unlink()
         os.link(path, tmp)  # a second name for the same bytes: no copy, survives pruning
         os.replace(tmp, best)
-        _write_atomic(Path(str(best) + ".sha256"), (digest + "\n").encode())
+        write_atomic(Path(str(best) + ".sha256"), (digest + "\n").encode())
 
     def _prune(self, keep: Path) -> None:
         for old in self.step_files()[self.keep :]:

@@ -304,7 +304,7 @@ def _train_and_test(
         trainer.load_state_dict(state)  # before anything is written: a refusal here leaves the run as it was
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        checkpoint.write_atomic(run_dir / "config.yaml", to_yaml(cfg).encode())  # a kill never leaves half of it
         log.info("config:\n%s", to_yaml(cfg))
     run_id = state.get("wandb_run_id") if state else new_run_id()
     # W&B starts in a thread and training does not wait for it: its start is Python work that

@@ -541,7 +541,7 @@ MUTANTS = [
         "journeys_commit_marker",
         "a checkpoint counts once its .sha256 marker is written, before latest moves, found by the fixed journeys",
         "rnnddp/checkpoint.py",
-        '            _write_atomic(Path(str(path) + ".sha256"), (digest + "\\n").encode())\n',
+        '            write_atomic(Path(str(path) + ".sha256"), (digest + "\\n").encode())\n',
         "",
         ("tests/e2e/test_journeys.py",),
     ),
