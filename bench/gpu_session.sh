@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and timing this repo has, in one go (under 5 minutes on an H100; the steps'
-# time limits add up to 12 minutes):
+# Every GPU check and timing this repo has, in one go (under 5 minutes on an H100 before the language-model
+# steps, which add up to 14 more at most; the steps' time limits add up to 26 minutes):
 #   bash bench/gpu_session.sh DATA_ROOT [OUT_DIR]
 # DATA_ROOT holds MNIST/raw. Writes OUT_DIR/session.log and the benchmarks' JSON files; each
 # step has a time limit, and a failed step does not stop the ones after it.
@@ -36,3 +36,8 @@ step sequences 60 "$py" -m bench.sequences --device cuda --steps 50
 step pytest_gpu 170 "$py" -m pytest -q -rs -n 0 -p no:cacheprovider tests/e2e/test_gpu.py
 step smnist 110 "$py" -m torch.distributed.run --nproc_per_node=1 train_ddp.py --config configs/smnist.yaml \
   "data.root=$root" wandb.mode=disabled run_dir=/tmp/rnnddp_smnist_gpu
+# Language models (docs/results.md's GPU rows): the training-speed comparison, tiny-shakespeare for about
+# 4 minutes, and the full Penn Treebank recipe (configs/ptb_word.yaml: 2 x 650, 40 epochs; test <= 80 is the goal).
+step language_model 120 "$py" -m bench.language_model --device cuda --precision bf16
+step shakespeare 330 "$py" -m bench.language_results shakespeare --nproc 1 --minutes 4 --root "$root/text"
+step ptb 420 "$py" -m bench.language_results ptb --nproc 1 --root "$root/text"
