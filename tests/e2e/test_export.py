@@ -255,6 +255,20 @@ def test_sine_regressor_continues_chunk_by_chunk(tmp_path: Path):
             y, h, c = step(x[:, a:b].numpy(), h, c)
             outs.append(y)
         assert worst(np.concatenate(outs, axis=1), want) < tol, (fmt, dtype)
+    # The program needs torch only: loaded and run where importing rnnddp fails.
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = (
+        "import sys; sys.modules['rnnddp'] = None\n"
+        "import numpy as np, torch\n"
+        "program = torch.export.load(sys.argv[1]).module()\n"
+        "x = torch.from_numpy(np.load(sys.argv[2])); h = torch.zeros(2, 2, int(sys.argv[3]))\n"
+        "with torch.no_grad():\n"
+        "    np.save(sys.argv[4], program(x, h, h.clone())[0].numpy())\n"
+    )
+    args = [tmp_path / "pt2_fp32" / "model.pt2", tmp_path / "x.npy", r.module.rnn.hidden_size, tmp_path / "y.npy"]
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert worst(np.load(tmp_path / "y.npy"), want) < 1e-5
 
 
 @pytest.fixture(scope="module")
