@@ -50,18 +50,21 @@ class Task:
     name: str
     args: list[str]
     predict_file: Path | None  # a file rnnddp-predict takes (None: the task refuses predict)
-    steps: int = 0  # the whole run's optimiser steps
-    epoch_steps: int = 0  # steps per epoch
+    plans: dict[tuple[str, ...], tuple[int, int]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        cfg = load_config(self.args)
-        task = TASKS[cfg.task](cfg, DistInfo())
-        self.epoch_steps = task.train_batches(task.load().train).steps_per_epoch
-        self.steps = min(cfg.train.max_steps or 10**9, cfg.train.epochs * self.epoch_steps)
+    def plan(self, settings: tuple[str, ...] = ()) -> tuple[int, int]:
+        """(the run's optimiser steps, steps per epoch) with these settings (a batch size changes both)."""
+        if settings not in self.plans:
+            cfg = load_config([*self.args, *settings])
+            task = TASKS[cfg.task](cfg, DistInfo())
+            per_epoch = task.train_batches(task.load().train).steps_per_epoch
+            self.plans[settings] = (min(cfg.train.max_steps or 10**9, cfg.train.epochs * per_epoch), per_epoch)
+        return self.plans[settings]
 
-    def edges(self) -> list[int]:
+    def edges(self, settings: tuple[str, ...] = ()) -> list[int]:
         """The steps where a stop or a kill is likeliest to go wrong: the first, each epoch's last, the run's last."""
-        return sorted({1, self.steps, *range(self.epoch_steps, self.steps + 1, self.epoch_steps)})
+        steps, per_epoch = self.plan(settings)
+        return sorted({1, steps, *range(per_epoch, steps + 1, per_epoch)})
 
 
 @dataclass
@@ -178,6 +181,7 @@ class Journey(RuleBasedStateMachine):
         STATS.pairs[(self.last, action)] += 1
         self.last = action
         before = promises.snapshot(self.run_dir)
+        fresh = self.step() == 0  # no intact checkpoint: a job action starts the run over
         code = code_of()
         after = promises.snapshot(self.run_dir)
         promises.exit_code(action, code, predicted)
@@ -186,6 +190,8 @@ class Journey(RuleBasedStateMachine):
             self.damaged = False
             if code != 2 and changes is not None:
                 self.settings = changes
+            if fresh and code != 2:
+                self.ever_finished = self.stopped_at_epoch_end = False
             if code == 0:
                 self.finished = self.ever_finished = True
                 if self.stopped_at_epoch_end:
@@ -206,13 +212,17 @@ class Journey(RuleBasedStateMachine):
 
     def draw_step(self, data: st.DataObject) -> int:
         """A step after which to act: often an edge, otherwise any step of the run (or one past its end)."""
-        return data.draw(st.one_of(st.sampled_from(self.task.edges()), st.integers(1, self.task.steps + 1)))
+        edges, steps = self.task.edges(tuple(self.settings)), self.steps()
+        return data.draw(st.one_of(st.sampled_from(edges), st.integers(1, steps + 1)))
+
+    def steps(self) -> int:
+        return self.task.plan(tuple(self.settings))[0]
 
     @rule(data=st.data(), signal=st.sampled_from(SIGNALS))
     def stop(self, data: st.DataObject, signal: str) -> None:
         at = self.draw_step(data)
         now = self.step()
-        predicted = 75 if now < at < self.task.steps and not self.finished else 0
+        predicted = 75 if now < at < self.steps() and not self.finished else 0
         code = self.act(
             "stop",
             lambda: quiet_run(self.argv(f"debug.stop_at_step={at}", f"train.stop_signals=[{signal}]")),
@@ -221,7 +231,7 @@ class Journey(RuleBasedStateMachine):
         if code == 75:
             assert self.step() == at, f"stopped after step {at}, the newest checkpoint is at {self.step()}"
             self.finished = False
-            if at % self.task.epoch_steps == 0:
+            if at % self.task.plan(tuple(self.settings))[1] == 0:
                 STATS.events["a stop on an epoch's last step"] += 1
                 self.stopped_at_epoch_end = True
 
@@ -229,7 +239,7 @@ class Journey(RuleBasedStateMachine):
     def kill(self, data: st.DataObject) -> None:
         at = self.draw_step(data)
         now = self.step()
-        predicted = -9 if now < at <= self.task.steps and not self.finished else 0
+        predicted = -9 if now < at <= self.steps() and not self.finished else 0
 
         def killed() -> int:
             proc = run_job(self.argv(f"debug.fail_at_step={at}"), nproc=1, check=False)
@@ -307,9 +317,9 @@ class Journey(RuleBasedStateMachine):
             return
         if not self.damaged:
             promises.latest_is_complete(self.run_dir)
-        promises.steps_once(self.run_dir, self.task.steps if self.finished else None)
+        promises.steps_once(self.run_dir, self.steps() if self.finished else None)
         promises.config_is_the_runs(self.run_dir, dict(s.split("=", 1) for s in self.settings))
-        promises.test_at_the_end(self.run_dir, self.ever_finished, self.task.steps)
+        promises.test_at_the_end(self.run_dir, self.ever_finished, self.steps())
         if self.finished:
             ref = reference(self.task, tuple(self.settings))
             promises.same_as_uninterrupted(self.run_dir, ref, exact=not self.two_ranks)

@@ -25,8 +25,9 @@ import torch
 import yaml
 
 from rnnddp import checkpoint
+from rnnddp.metrics import kept_records
 from rnnddp.wandb_files import history, offline_runs
-from tests.conftest import effective_train_steps, read_metrics
+from tests.conftest import effective_train_steps
 
 WANDB_SETTLE_S = 20.0
 EXIT_CODES = {
@@ -112,10 +113,10 @@ def config_is_the_runs(run_dir: Path, settings: dict[str, str]) -> None:
 def test_at_the_end(run_dir: Path, finished: bool, steps: int) -> None:
     """The test split is evaluated at the run's end only: never before it first finishes, and only at its
     last step (a finished run rerun does not test again; one whose final checkpoint a user destroyed
-    trains its last steps again and tests again at the end)."""
+    trains its last steps again and tests again at the end). Records a restart voided do not count."""
     if not (run_dir / "metrics.jsonl").exists():
         return
-    tests = [m for m in read_metrics(run_dir) if any(k.startswith("test/") for k in m)]
+    tests = [m for m in kept_records(run_dir / "metrics.jsonl") if any(k.startswith("test/") for k in m)]
     assert bool(tests) == finished, f"{len(tests)} test evaluations; the run has finished: {finished}"
     assert all(m["step"] == steps for m in tests), f"a test evaluation before the end: {[m['step'] for m in tests]}"
 
