@@ -126,7 +126,9 @@ def build_trainer(
             log.warning("train.cuda_graph=true ignored: %s; training without CUDA graphs", graph_why)
     graphed = train.cuda_graph and graph_why is None
 
-    module = place(initial_model(task.model_args(), cfg.seed, cfg.model.chrono_init), info.device)
+    module = initial_model(task.model_args(), cfg.seed, cfg.model.chrono_init)
+    task.init_weights(module)
+    module = place(module, info.device)
     check_averaging(cfg, splits)
     averaging = WeightAverage.from_config(cfg.average, module, task.metric)  # of the unwrapped module
     torch.manual_seed(cfg.seed + info.rank)  # per-rank streams from here on (dropout)

@@ -207,12 +207,18 @@ class LanguageModel(nn.Module):
         self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(top, vocab_size, cutoffs) if cutoffs else None
         self.decoder = None if cutoffs else nn.Linear(top, vocab_size)
         if self.decoder is not None and tie_weights:
-            # Tied: small embeddings, as pytorch/examples and AWD-LSTM. nn.Embedding's N(0, 1) as the decoder
-            # makes the first logits ~sqrt(emb_size) wide. Untied, N(0, 1) inputs learn faster early on
-            # (docs/results.md has both measurements).
-            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-            nn.init.zeros_(self.decoder.bias)
             self.decoder.weight = self.embedding.weight
+
+    def init_uniform_(self, r: float) -> None:
+        """pytorch/examples' and AWD-LSTM's initial weights: the embedding (and an untied decoder's weight) from
+        uniform(-r, r), the decoder's bias 0. With a tied decoder, nn.Embedding's N(0, 1) makes the first logits
+        ~sqrt(emb_size) wide; small embeddings in turn learn slowly under Adam (docs/results.md)."""
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-r, r)
+            if self.decoder is not None:
+                self.decoder.bias.zero_()
+                if self.decoder.weight is not self.embedding.weight:
+                    self.decoder.weight.uniform_(-r, r)
 
     def forward(
         self, tokens: torch.Tensor, state: list | None = None, targets: torch.Tensor | None = None

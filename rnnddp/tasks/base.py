@@ -81,6 +81,10 @@ class Task:
     def model_args(self) -> dict:
         raise NotImplementedError
 
+    def init_weights(self, module: nn.Module) -> None:
+        """Changes to the network's initial weights that this task's settings ask for (a resume loads the
+        checkpoint's over them)."""
+
     def load(self) -> Splits:
         """Train, validation and test splits (may use collectives: every rank calls it)."""
         raise NotImplementedError

@@ -44,6 +44,9 @@ class LanguageModelConfig:
     tie_weights: bool = True  # the decoder's weight is the embedding's
     adaptive_cutoffs: list[int] = field(default_factory=list)  # non-empty: an adaptive softmax with these cutoffs
     eval_stripes: int = 10  # validation and test: the stream in this many stripes, the state carried
+    # > 0: the embedding (a tied decoder with it) and an untied decoder's weight from uniform(-r, r), the decoder's
+    # bias 0, as pytorch/examples and AWD-LSTM (0.1); 0: PyTorch's defaults (N(0, 1) embeddings)
+    init_range: float = 0.0
 
 
 def text_metric(tokenizer_kind: str) -> Metric:
@@ -89,6 +92,8 @@ class LanguageModel(Task):
                 "lm.adaptive_cutoffs: an adaptive softmax has no single output matrix to tie to the embedding; "
                 "set lm.tie_weights=false"
             )
+        if s.init_range < 0:
+            raise UserError("bad value for config key 'lm.init_range': must be >= 0 (0: PyTorch's defaults)")
         if s.variable_bptt and s.bptt < 10:
             raise UserError("lm.variable_bptt draws lengths around lm.bptt with sd 5: set lm.bptt >= 10")
 
@@ -173,6 +178,11 @@ class LanguageModel(Task):
             tie_weights=bool(s.tie_weights),
             adaptive_cutoffs=cutoffs,
         )
+
+    def init_weights(self, module: nn.Module) -> None:
+        r = float(self.settings.init_range)
+        if r > 0:
+            module.init_uniform_(r)
 
     def check_restorable(self, saved_args: dict, path: Path) -> None:
         if self.tokenizer is not None and saved_args.get("vocab_size") != self.tokenizer.vocab_size:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import REPO, final_eval, job_cmd, job_env, run_job
@@ -97,6 +98,13 @@ def test_wandb_online_without_a_server_falls_back_to_offline_and_loses_nothing(t
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "wandb online init failed" in proc.stdout and "logging offline instead" in proc.stdout
+    # W&B's service process may still be writing the offline file when the job has exited (seen on a
+    # loaded machine): wait for it, a bounded while.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        len(offline_runs(run)) == 1 and [int(r["_step"]) for r in history(offline_runs(run)[0])] == [5, 10, 15, 20]
+    ):
+        time.sleep(0.5)
     files = offline_runs(run)
     assert len(files) == 1, files
     # Everything logged while W&B was still trying the server reached the offline run, in order.
