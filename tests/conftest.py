@@ -72,7 +72,11 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 
 def job_env() -> dict[str, str]:
-    return launch.job_env(threads=1)
+    env = launch.job_env(threads=1)
+    # A W&B run in this process (the in-process jobs of the journeys, the resume edges) exports its service's
+    # address for child processes; a launched job must start its own, as a user's does, not write through ours.
+    env.pop("WANDB_SERVICE", None)
+    return env
 
 
 def job_cmd(args: list[str], nproc: int = 1, launcher: list[str] | None = None) -> list[str]:
