@@ -37,6 +37,16 @@ class Mutant:
     tests: tuple[str, ...]
 
 
+# The stop-position fix reverted: guarded by its own test and, separately, found by the journeys.
+STOP_POSITION = (
+    """                    saved = self._after_step(bar)
+                    if self.finished:  # the last step finishes the run instead: test (seconds), exit 0
+                        break
+                    if vote(self.stop.requested):""",
+    """                    saved = False
+                    if not self.finished and vote(self.stop.requested):""",
+)
+
 MUTANTS = [
     Mutant(
         "denormal_flush",
@@ -346,12 +356,7 @@ MUTANTS = [
         "stop_position",
         "a stop on an epoch's last step saves the next epoch's start (its work done first), so it resumes",
         "rnnddp/train/trainer.py",
-        """                    saved = self._after_step(bar)
-                    if self.finished:  # the last step finishes the run instead: test (seconds), exit 0
-                        break
-                    if vote(self.stop.requested):""",
-        """                    saved = False
-                    if not self.finished and vote(self.stop.requested):""",
+        *STOP_POSITION,
         ("tests/e2e/test_resume_edges.py::test_a_stop_after_every_step_position_resumes_bit_exact",),
     ),
     Mutant(
@@ -521,12 +526,7 @@ MUTANTS = [
         "journeys_stop_position",
         "a stop on an epoch's last step resumes exactly (the stop_position fix), found by the fixed journeys",
         "rnnddp/train/trainer.py",
-        """                    saved = self._after_step(bar)
-                    if self.finished:  # the last step finishes the run instead: test (seconds), exit 0
-                        break
-                    if vote(self.stop.requested):""",
-        """                    saved = False
-                    if not self.finished and vote(self.stop.requested):""",
+        *STOP_POSITION,
         ("tests/e2e/test_journeys.py",),
     ),
     Mutant(
