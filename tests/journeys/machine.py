@@ -176,10 +176,13 @@ class Journey(RuleBasedStateMachine):
         found = checkpoint.CheckpointManager(self.run_dir).find_latest() if self.run_dir.exists() else None
         return int(torch.load(found, weights_only=True)["global_step"]) if found else 0
 
-    def act(self, action: str, code_of: Any, predicted: int | None, changes: list[str] | None = None) -> int:
+    def count(self, action: str) -> None:
         STATS.actions[action] += 1
         STATS.pairs[(self.last, action)] += 1
         self.last = action
+
+    def act(self, action: str, code_of: Any, predicted: int | None, changes: list[str] | None = None) -> int:
+        self.count(action)
         before = promises.snapshot(self.run_dir)
         fresh = self.step() == 0  # no intact checkpoint: a job action starts the run over
         code = code_of()
@@ -276,18 +279,14 @@ class Journey(RuleBasedStateMachine):
             data = data[: len(data) // 2]
         newest.write_bytes(bytes(data))
         self.damaged, self.finished = True, False
-        STATS.actions["damage_" + how] += 1
-        STATS.pairs[(self.last, "damage_" + how)] += 1
-        self.last = "damage_" + how
+        self.count("damage_" + how)
 
     @precondition(lambda self: (self.run_dir / "checkpoints" / "latest").exists())
     @rule()
     def delete_latest(self) -> None:
         (self.run_dir / "checkpoints" / "latest").unlink()
         self.damaged = True
-        STATS.actions["delete_latest"] += 1
-        STATS.pairs[(self.last, "delete_latest")] += 1
-        self.last = "delete_latest"
+        self.count("delete_latest")
 
     @rule()
     def evaluate(self) -> None:
