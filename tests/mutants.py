@@ -37,15 +37,33 @@ class Mutant:
     tests: tuple[str, ...]
 
 
-# The stop-position fix reverted: guarded by its own test and, separately, found by the journeys.
-STOP_POSITION = (
-    """                    saved = self._after_step(bar)
+# The stop-position fix reverted: the stop checkpoint is taken before the step's own work (an epoch's end:
+# validation, save, the next epoch's position), as it was. Guarded by its own test and found by the journeys.
+_STOP_BLOCK = """                    if vote(self.stop.requested):
+                        vote.close()
+                        self._log_window(bar)
+                        if not saved:
+                            self._save()
+                        dist.barrier(info)  # nobody exits while rank 0 still writes (other nodes' torchrun)
+                        log.warning(
+                            "stopped on %s at step %d: checkpoint saved",
+                            self.stop.name or "a peer's signal",
+                            self.global_step,
+                        )
+                        self.logger.event("stopped", self.global_step, signal=self.stop.name)
+                        return "stopped"
+"""
+_STEP_WORK = """                    saved = self._after_step(bar)
                     if self.finished:  # the last step finishes the run instead: test (seconds), exit 0
                         break
-                    if vote(self.stop.requested):""",
-    """                    saved = False
-                    if not self.finished and vote(self.stop.requested):""",
+"""
+STOP_POSITION = (
+    _STEP_WORK + _STOP_BLOCK,
+    "                    saved = False\n"
+    + _STOP_BLOCK.replace("if vote(", "if not self.finished and vote(", 1)
+    + _STEP_WORK,
 )
+
 
 MUTANTS = [
     Mutant(

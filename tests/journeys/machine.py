@@ -79,7 +79,7 @@ class Stats:
 
 
 STATS = Stats()
-_REFERENCES: dict[tuple, dict[str, torch.Tensor]] = {}
+_REFERENCES: dict[tuple, Reference] = {}
 _DATA: dict[str, Task] = {}
 
 
@@ -134,15 +134,24 @@ def quiet_run(argv: list[str]) -> int:
         return 2
 
 
-def reference(task: Task, settings: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The parameters of an uninterrupted one-process run with these settings (computed once)."""
+@dataclass(frozen=True)
+class Reference:
+    """What an uninterrupted one-process run with a journey's settings ends with."""
+
+    parameters: dict[str, torch.Tensor]
+    validations: list[tuple[int, float]]
+
+
+def reference(task: Task, settings: tuple[str, ...]) -> Reference:
+    """The uninterrupted one-process run with these settings (computed once)."""
     key = (task.name, settings)
     if key not in _REFERENCES:
         run_dir = Path(tempfile.mkdtemp(prefix="rnnddp-journey-ref-"))
         try:
             assert quiet_run([*task.args, *settings, f"run_dir={run_dir}", "wandb.mode=disabled"]) == 0
             found = checkpoint.CheckpointManager(run_dir).find_latest()
-            _REFERENCES[key] = {k: v.clone() for k, v in torch.load(found, weights_only=True)["model"].items()}
+            params = {k: v.clone() for k, v in torch.load(found, weights_only=True)["model"].items()}
+            _REFERENCES[key] = Reference(params, promises.validations(run_dir))
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
     return _REFERENCES[key]
@@ -321,4 +330,5 @@ class Journey(RuleBasedStateMachine):
         promises.test_at_the_end(self.run_dir, self.ever_finished, self.steps())
         if self.finished:
             ref = reference(self.task, tuple(self.settings))
-            promises.same_as_uninterrupted(self.run_dir, ref, exact=not self.two_ranks)
+            promises.same_as_uninterrupted(self.run_dir, ref.parameters, exact=not self.two_ranks)
+            promises.validated_as_uninterrupted(self.run_dir, ref.validations)

@@ -13,10 +13,13 @@ Each function is one promise; each raises AssertionError naming what broke it.
 6. The test split is evaluated at the end only: none before the run first finishes, none but at its last step.
 7. A run that reaches its end has the parameters of an uninterrupted run with the same settings:
    bit for bit on one process, to 1e-5 when some of its steps ran on two ranks.
+8. A run that reaches its end validated where that uninterrupted run did, once at each step, with its
+   results (to 1e-5): a stop or a kill never skips an epoch's validation nor repeats one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -132,3 +135,17 @@ def same_as_uninterrupted(run_dir: Path, reference: dict[str, torch.Tensor], exa
         else:
             gap = float((got - want).abs().max())
             assert gap < 1e-5, f"parameter {name} differs from the uninterrupted run's by {gap:.3g}"
+
+
+def validations(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, val/loss) of each validation the run's kept records hold (a resume voids the ones past it)."""
+    return [(m["step"], m["val/loss"]) for m in kept_records(run_dir / "metrics.jsonl") if "val/loss" in m]
+
+
+def validated_as_uninterrupted(run_dir: Path, reference: list[tuple[int, float]]) -> None:
+    """Losses to 1e-5 relative: a safe setting (eval.batch_size) sums the same numbers in another order."""
+    got = validations(run_dir)
+    steps, want_steps = [s for s, _ in got], [s for s, _ in reference]
+    assert steps == want_steps, f"validations at steps {steps}; the uninterrupted run's: {want_steps}"
+    for (step, loss), (_, want) in zip(got, reference, strict=True):
+        assert math.isclose(loss, want, rel_tol=1e-5), f"validation at step {step}: loss {loss}, uninterrupted {want}"
