@@ -98,7 +98,8 @@ def main(argv: list[str]) -> int:
         # A host died or its link went down: nothing to save collectively, and the newest checkpoint
         # on disk is complete (saves are atomic). Every surviving rank says so and exits resumable.
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]  # gloo's "[source file:line]" prefix
+        # gloo's "[source file:line]" prefix, and the future's wrapper when it failed in DDP's gradient hook
+        first = re.sub(r"^(Got the following error when running the callback: \w+: )?\[[^\]]*\]\s*", "", first)[:200]
         print(
             f"error: [rank {info.rank}] lost contact with another rank ({first}); the newest checkpoint "
             f"stands: rerun the same command to resume (exit {EXIT_STOPPED})",

@@ -310,7 +310,16 @@ def allgather_mean_hook(group: Any, bucket: dist.GradBucket) -> torch.futures.Fu
     out = torch.empty(world * buf.numel(), dtype=buf.dtype, device=buf.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name since 2.12
     fut = gather(out, buf, group=group, async_op=True).get_future()
-    return fut.then(lambda _: out.view(world, -1).sum(dim=0).div_(world))
+
+    def average(gathered: torch.futures.Future) -> torch.Tensor:
+        # wait() raises the all-gather's error (a lost peer). A callback that skips it turns a failed
+        # gather into a success: this rank steps on a half-filled buffer and goes on to the next
+        # collective, while its ring neighbour still waits in this one for the chunks it will never
+        # send; the two survivors then wait on each other until dist.peer_timeout_s.
+        gathered.wait()
+        return out.view(world, -1).sum(dim=0).div_(world)
+
+    return fut.then(average)
 
 
 # DDP checks a hook's annotations against the real classes; this module's are strings

@@ -78,11 +78,14 @@ def probe(out: Path) -> None:
         time.sleep(SILENT_TIMEOUT_S + 1.0)
     dist.barrier(info)  # the long-timeout group: rank 0 waits for rank 1's sleep
 
-    # A peer SIGKILLed while rank 0 waits for it in a training-step collective.
+    # A peer SIGKILLed while rank 0 waits for it in a training step: in the gradient exchange (DDP's
+    # backward, through the job's own all-gather hook), then in the loss average after it.
+    model = dist.wrap_ddp(torch.nn.Linear(4, 1), info, grad_sync="allgather")
     if rank == 1:
         write()
-        time.sleep(0.2)  # rank 0 is in its all-reduce by now (or meets the closed connection on entry)
+        time.sleep(0.2)  # rank 0 is in its backward by now (or meets the closed connection on entry)
         os.kill(os.getpid(), signal.SIGKILL)
+    found["peer_killed_in_backward"] = _caught(lambda: model(torch.ones(2, 4)).sum().backward())
     found["peer_killed"] = _caught(lambda: dist.mean(torch.ones(1)))
     write()
     os._exit(0)  # the group is broken: no teardown that talks to the dead rank

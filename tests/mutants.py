@@ -539,6 +539,16 @@ MUTANTS = [
         "            pass",
         ("tests/unit/test_averaging.py::test_a_job_stopped_and_resumed_ends_with_the_same_averaged_weights",),
     ),
+    Mutant(
+        "lost_peer_in_backward",
+        "a peer lost during the gradient exchange fails the backward (the all-gather hook passes the error on)",
+        "rnnddp/dist.py",
+        "        gathered.wait()\n",
+        "",
+        (
+            "tests/e2e/test_lost_peer.py::test_real_gloo_errors_from_bugs_are_not_lost_peers_and_a_killed_or_silent_peer_is",
+        ),
+    ),
     # The journeys (tests/journeys/) must find these three by walking, not by a test written for them.
     Mutant(
         "journeys_stop_position",
