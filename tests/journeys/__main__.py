@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"distinct action pairs: {len(seen)} of {possible}")
     print("actions: " + ", ".join(f"{k} {v}" for k, v in STATS.actions.most_common()))
     print("tasks: " + ", ".join(f"{k} {v}" for k, v in STATS.tasks.most_common()))
+    print("edges reached: " + ", ".join(f"{k} {v}" for k, v in STATS.events.most_common()))
     print(f"violations: {len(violations)}")
     for s, what in violations:
         print(f"  seed {s}: {what.splitlines()[0][:300]}")
