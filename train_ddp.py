@@ -99,7 +99,9 @@ def main(argv: list[str]) -> int:
         # on disk is complete (saves are atomic). Every surviving rank says so and exits resumable.
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         # gloo's "[source file:line]" prefix, and the future's wrapper when it failed in DDP's gradient hook
-        first = re.sub(r"^(Got the following error when running the callback: \w+: )?\[[^\]]*\]\s*", "", first)[:200]
+        first = re.sub(r"^(?:Got the following error when running the callback: \w+: )?(?:\[[^\]]*\]\s*)?", "", first)[
+            :200
+        ]
         print(
             f"error: [rank {info.rank}] lost contact with another rank ({first}); the newest checkpoint "
             f"stands: rerun the same command to resume (exit {EXIT_STOPPED})",

@@ -298,7 +298,7 @@ class Journey(RuleBasedStateMachine):
             self.count("delete_latest")
             return
         manager = checkpoint.CheckpointManager(self.run_dir)
-        newest = manager.step_files()[-1]
+        newest = manager.step_files()[0]  # newest first
         data = bytearray(newest.read_bytes())
         if how == "flip":
             data[len(data) // 2] ^= 0xFF
@@ -322,12 +322,12 @@ class Journey(RuleBasedStateMachine):
             return
         from rnnddp.predict import main as predict
 
-        def predicted() -> int:
+        def predicted_code() -> int:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 files = [str(self.task.predict_file)] if self.task.predict_file else [str(self.dir / "none.npy")]
                 return predict([str(self.run_dir), *files])
 
-        self.act("predict", predicted, 0 if self.step() > 0 and self.task.predict_file else 2)
+        self.act("predict", predicted_code, 0 if self.step() > 0 and self.task.predict_file else 2)
 
     # -- the promises after every action -----------------------------------------------------------
     @invariant()
@@ -342,4 +342,4 @@ class Journey(RuleBasedStateMachine):
         if self.finished:
             ref = reference(self.task, tuple(self.settings))
             promises.same_as_uninterrupted(self.run_dir, ref.parameters, exact=not self.two_ranks)
-            promises.validated_as_uninterrupted(self.run_dir, ref.validations)
+            promises.validated_as_uninterrupted(self.run_dir, ref.validations, two_ranks=self.two_ranks)

@@ -14,7 +14,7 @@ Each function is one promise; each raises AssertionError naming what broke it.
 7. A run that reaches its end has the parameters of an uninterrupted run with the same settings:
    bit for bit on one process, to 1e-5 when some of its steps ran on two ranks.
 8. A run that reaches its end validated where that uninterrupted run did, once at each step, with its
-   results (to 1e-5): a stop or a kill never skips an epoch's validation nor repeats one.
+   results (to 1e-5; 1e-3 after two ranks): a stop or a kill never skips an epoch's validation nor repeats one.
 """
 
 from __future__ import annotations
@@ -142,10 +142,14 @@ def validations(run_dir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["val/loss"]) for m in kept_records(run_dir / "metrics.jsonl") if "val/loss" in m]
 
 
-def validated_as_uninterrupted(run_dir: Path, reference: list[tuple[int, float]]) -> None:
-    """Losses to 1e-5 relative: a safe setting (eval.batch_size) sums the same numbers in another order."""
+def validated_as_uninterrupted(run_dir: Path, reference: list[tuple[int, float]], two_ranks: bool) -> None:
+    """Losses to 1e-5 relative on one process (a safe setting, eval.batch_size, sums the same numbers in
+    another order), 1e-3 once two ranks took part (parameters 1e-5 apart)."""
     got = validations(run_dir)
     steps, want_steps = [s for s, _ in got], [s for s, _ in reference]
     assert steps == want_steps, f"validations at steps {steps}; the uninterrupted run's: {want_steps}"
+    tolerance = 1e-3 if two_ranks else 1e-5
     for (step, loss), (_, want) in zip(got, reference, strict=True):
-        assert math.isclose(loss, want, rel_tol=1e-5), f"validation at step {step}: loss {loss}, uninterrupted {want}"
+        assert math.isclose(loss, want, rel_tol=tolerance), (
+            f"validation at step {step}: loss {loss}, uninterrupted {want}"
+        )
