@@ -7,7 +7,6 @@ the model, optimiser, schedule, precision, step and trainer through it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -274,12 +273,13 @@ def _note_lost_peer(run_dir: Path, step: int, rank: int) -> None:
 
 
 def _tested(run_dir: Path, step: int) -> bool:
-    """Whether the run directory records the final test of step ``step`` (its ``finished`` event)."""
+    """Whether the run directory records the final test of step ``step`` (its ``finished`` event), one that
+    still counts: a finished run whose end a user destroyed resumed earlier, which voided that test."""
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        history = kept_records(run_dir / "metrics.jsonl", events=True)
     except OSError:
         return False
-    return any('"event": "finished"' in line and json.loads(line).get("step") == step for line in lines)
+    return any(r.get("event") == "finished" and r["step"] == step for r in history)
 
 
 def _train_and_test(

@@ -237,9 +237,10 @@ def event_line(name: str, step: int, **fields: Any) -> str:
     return json.dumps({"step": step, "time": round(time.time(), 3), "event": name, **fields}) + "\n"
 
 
-def kept_records(path: Path, size: int | None = None) -> list[dict[str, Any]]:
+def kept_records(path: Path, size: int | None = None, events: bool = False) -> list[dict[str, Any]]:
     """The metric records among the first ``size`` bytes of a metrics.jsonl that still count: a
-    ``resume`` event at step N (or a ``restart``, at 0) voids the records after N before it (steps redone)."""
+    ``resume`` event at step N (or a ``restart``, at 0) voids the records after N before it (steps redone).
+    ``events``: the other events too (a voided run's ``finished`` is no longer its end)."""
     with path.open("rb") as f:
         lines = f.read(-1 if size is None else size).decode(errors="replace").splitlines()
     kept: list[dict[str, Any]] = []
@@ -250,7 +251,7 @@ def kept_records(path: Path, size: int | None = None) -> list[dict[str, Any]]:
             continue  # a line cut by a kill
         if r.get("event") in VOIDING_EVENTS:
             kept = [k for k in kept if k["step"] <= r["step"]]
-        elif "event" not in r and isinstance(r.get("step"), int):
+        elif (events or "event" not in r) and isinstance(r.get("step"), int):
             kept.append(r)
     return kept
 

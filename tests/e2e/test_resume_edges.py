@@ -20,6 +20,7 @@ from rnnddp.config import load_config
 from rnnddp.dist import DistInfo
 from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.job import run
+from rnnddp.metrics import kept_records
 from rnnddp.wandb_files import history, offline_runs
 from tests.conftest import effective_train_steps, latest_state, read_metrics, run_job
 from tests.sequence_files import tiny_prepared
@@ -223,3 +224,38 @@ def test_journey_only_checkpoint_damaged_then_rerun_starts_over_once(tmp_path: P
     assert effective_train_steps(run_dir) == [1, 2]
     assert run_in_process(args(data, run_dir, "checkpoint.keep=1")) == 0
     assert effective_train_steps(run_dir) == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
+
+
+def test_journey_final_checkpoint_destroyed_then_stopped_tests_again_only_at_its_new_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Found by the journeys: a finished run's final checkpoint destroyed, then a stop before the end. The
+    resume from the checkpoint before voids the old final test (the journeys' promise had counted it).
+    Beside it, a job that crashed in its new final test: the rerun must test, not take the voided
+    ``finished`` event of the first end for this one ("already finished, nothing to do")."""
+    import rnnddp.job as job
+
+    def tests_and_ends(run_dir: Path) -> tuple[list[int], list[int]]:
+        kept = kept_records(run_dir / "metrics.jsonl", events=True)
+        tests = [m["step"] for m in kept if "test/loss" in m]
+        return tests, [m["step"] for m in kept if m.get("event") == "finished"]
+
+    data = tiny_prepared(tmp_path)
+    run_dir, end = tmp_path / "run", STEPS_PER_EPOCH * EPOCHS
+    assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
+    assert tests_and_ends(run_dir) == ([end], [end])
+    newest = CheckpointManager(run_dir).step_files()[0]
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert run_in_process(args(data, run_dir, "wandb.mode=disabled", f"debug.stop_at_step={end - 2}")) == EXIT_STOPPED
+    assert tests_and_ends(run_dir) == ([], [])  # the resume from step end - 3 voided the first end's test
+
+    def crash(*a: object, **k: object) -> None:
+        raise RuntimeError("killed in the final test")
+
+    monkeypatch.setattr(job, "evaluate_on_test", crash)
+    with pytest.raises(RuntimeError, match="killed in the final test"):
+        run_in_process(args(data, run_dir, "wandb.mode=disabled"))
+    monkeypatch.undo()
+    assert CheckpointManager(run_dir).find_latest().name == f"step_{end:07d}.pt"  # trained to the end, untested
+    assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
+    assert tests_and_ends(run_dir) == ([end], [end])

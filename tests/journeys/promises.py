@@ -113,15 +113,20 @@ def config_is_the_runs(run_dir: Path, settings: dict[str, str]) -> None:
         assert str(node) == str(want), f"config.yaml has {key}={node}; the run trains with {want}"
 
 
-def test_at_the_end(run_dir: Path, finished: bool, steps: int) -> None:
-    """The test split is evaluated at the run's end only: never before it first finishes, and only at its
-    last step (a finished run rerun does not test again; one whose final checkpoint a user destroyed
-    trains its last steps again and tests again at the end). Records a restart voided do not count."""
+def test_at_the_end(run_dir: Path, ever_finished: bool, steps: int) -> None:
+    """The test split is evaluated at the run's end only, once: never before the run first finishes, only
+    at its last step, and only with the ``finished`` event it ends with (a finished run rerun does not test
+    again; one whose final checkpoint a user destroyed resumes earlier, which voids that test, and tests
+    again when it reaches its end again)."""
     if not (run_dir / "metrics.jsonl").exists():
         return
-    tests = [m for m in kept_records(run_dir / "metrics.jsonl") if any(k.startswith("test/") for k in m)]
-    assert bool(tests) == finished, f"{len(tests)} test evaluations; the run has finished: {finished}"
+    history = kept_records(run_dir / "metrics.jsonl", events=True)
+    tests = [m for m in history if any(k.startswith("test/") for k in m)]
+    ends = [m for m in history if m.get("event") == "finished"]
+    assert ever_finished or not tests, f"{len(tests)} test evaluations before the run first finished"
     assert all(m["step"] == steps for m in tests), f"a test evaluation before the end: {[m['step'] for m in tests]}"
+    assert len(tests) <= 1, f"the test split evaluated {len(tests)} times"
+    assert len(tests) == len(ends), f"{len(tests)} test evaluations, {len(ends)} finished events"
 
 
 def same_as_uninterrupted(run_dir: Path, reference: dict[str, torch.Tensor], exact: bool) -> None:
