@@ -28,11 +28,11 @@ DATA_ROOT = Path(os.environ.get("RNNDDP_TEST_DATA", REPO.parent / "shared" / "da
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Three workers on two cores (pytest-xdist, ``-n 3 --dist loadgroup`` in pyproject.toml): the ``system``
-    tests form one group, run one after another on one worker (one SLURM cluster, one set of namespaces at
-    a time), and wait much of their time (SLURM's scheduler, namespaces, peer timeouts), so the CPU-bound
-    rest gets two workers beside them. Each end-to-end module stays on one worker (its module fixtures
-    train once)."""
+    """Two workers (pytest-xdist, ``-n 2 --dist loadgroup`` in pyproject.toml): half the suite's time is
+    waiting (process start-up, SLURM's scheduler, peer timeouts), so a second test runs beside it. Each
+    end-to-end module stays on one worker (its module fixtures train once); the ``system`` tests form one
+    group, run one after another (one SLURM cluster, one set of namespaces at a time), beside the
+    CPU-bound rest."""
     for item in items:
         if "/unit/" in item.nodeid:
             item.add_marker(pytest.mark.quick)  # the quick tier: every unit test and the core e2e checks
