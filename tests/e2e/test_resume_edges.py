@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rnnddp import checkpoint
 from rnnddp.checkpoint import CheckpointManager
 from rnnddp.config import load_config
 from rnnddp.dist import DistInfo
@@ -259,3 +260,26 @@ def test_journey_final_checkpoint_destroyed_then_stopped_tests_again_only_at_its
     assert CheckpointManager(run_dir).find_latest().name == f"step_{end:07d}.pt"  # trained to the end, untested
     assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
     assert tests_and_ends(run_dir) == ([end], [end])
+
+
+def test_journey_newest_damaged_then_a_refused_rerun_leaves_it_to_the_next_run(tmp_path: Path):
+    """Found by the journeys (their model was wrong, the job right): a finished run, its newest checkpoint
+    damaged by the user, a rerun with an unsafe setting. The refusal writes nothing, so ``latest`` still
+    names the damaged file; the next run resumes from the intact one before it and points ``latest`` at
+    its own complete checkpoint."""
+    data = tiny_prepared(tmp_path)
+    run_dir, end = tmp_path / "run", STEPS_PER_EPOCH * EPOCHS
+    assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
+    newest = CheckpointManager(run_dir).step_files()[0]
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    before = snapshot(run_dir)
+    with pytest.raises(UserError, match="hidden_size: checkpoint 8 vs config 12"):
+        run_in_process(args(data, run_dir, "wandb.mode=disabled", "model.hidden_size=12"))
+    assert snapshot(run_dir) == before
+    assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert checkpoint.verify(latest, require_marker=True) is None
+    assert latest_state(run_dir)["global_step"] == end
+    assert effective_train_steps(run_dir) == list(range(1, end + 1))

@@ -198,7 +198,8 @@ class Journey(RuleBasedStateMachine):
         promises.exit_code(action, code, predicted)
         promises.refusal_wrote_nothing(code, before, after)
         if action not in ("evaluate", "predict"):
-            self.damaged = False
+            if code != 2:  # a job that ran points latest at its own checkpoint; a refusal writes nothing
+                self.damaged = False
             if code != 2 and changes is not None:
                 self.settings = changes
             if fresh and code != 2:
