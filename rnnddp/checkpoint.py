@@ -140,6 +140,18 @@ class CheckpointManager:
             log.warning("skipping checkpoint %s: %s", path, reason)
         return None
 
+    def point_latest(self, resumed: Path | None) -> None:
+        """Make ``latest`` name the checkpoint a run continues from (rank 0, once the run is going ahead),
+        or remove it when the run starts over: a damaged newest checkpoint that was skipped is not where
+        the run stands, and a kill before its next save must not leave ``latest`` on it."""
+        if not self.writer or not self.latest_pointer.is_file():
+            return
+        named = self.latest_pointer.read_text().strip()
+        if resumed is None:
+            self.latest_pointer.unlink(missing_ok=True)
+        elif resumed.parent.resolve() == self.dir.resolve() and named != resumed.name:
+            write_atomic(self.latest_pointer, (resumed.name + "\n").encode())
+
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path | None:
         """Write ``step_XXXXXXX.pt`` atomically, move ``latest``, prune; returns the path."""
         if not self.writer:

@@ -258,6 +258,7 @@ def run(cfg: Any, info: DistInfo) -> int:
         return 0
     step = state["global_step"] if state else 0
     resume.check_progress(run_dir, step, cfg.dist.max_stalled_restarts, info, resume_path)
+    manager.point_latest(resume_path)
     stop = StopRequest(list(cfg.train.stop_signals))  # held through the final test, not only fit
     try:
         return _train_and_test(cfg, info, manager, task, splits, batches, state, resume_path, trained, stop, changes)

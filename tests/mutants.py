@@ -549,6 +549,16 @@ MUTANTS = [
             "tests/e2e/test_lost_peer.py::test_real_gloo_errors_from_bugs_are_not_lost_peers_and_a_killed_or_silent_peer_is",
         ),
     ),
+    Mutant(
+        "point_latest",
+        "a run that resumes past a damaged newest checkpoint points latest at the one it continues from",
+        "rnnddp/job.py",
+        "    manager.point_latest(resume_path)\n",
+        "",
+        (
+            "tests/e2e/test_resume_edges.py::test_journey_newest_damaged_then_killed_before_a_save_leaves_latest_on_a_complete_checkpoint",
+        ),
+    ),
     # The journeys (tests/journeys/) must find these three by walking, not by a test written for them.
     Mutant(
         "journeys_stop_position",

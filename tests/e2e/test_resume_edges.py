@@ -283,3 +283,22 @@ def test_journey_newest_damaged_then_a_refused_rerun_leaves_it_to_the_next_run(t
     assert checkpoint.verify(latest, require_marker=True) is None
     assert latest_state(run_dir)["global_step"] == end
     assert effective_train_steps(run_dir) == list(range(1, end + 1))
+
+
+def test_journey_newest_damaged_then_killed_before_a_save_leaves_latest_on_a_complete_checkpoint(tmp_path: Path):
+    """Found by the journeys: a finished run, its newest checkpoint damaged by the user, a rerun SIGKILLed
+    before its first save. The rerun had resumed from the intact checkpoint before, but ``latest`` still
+    named the damaged one. A run now points ``latest`` at the checkpoint it continues from once it goes ahead."""
+    data = tiny_prepared(tmp_path)
+    run_dir, end = tmp_path / "run", STEPS_PER_EPOCH * EPOCHS
+    assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
+    newest = CheckpointManager(run_dir).step_files()[0]
+    newest.write_bytes(newest.read_bytes()[:100])
+    killed = run_job(args(data, run_dir, "wandb.mode=disabled", f"debug.fail_at_step={end}"), check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert checkpoint.verify(latest, require_marker=True) is None, latest
+    assert latest.name == f"step_{end - STEPS_PER_EPOCH:07d}.pt"
+    assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
+    assert latest_state(run_dir)["global_step"] == end
+    assert effective_train_steps(run_dir) == list(range(1, end + 1))
