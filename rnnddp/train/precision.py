@@ -6,6 +6,7 @@ The trainer, evaluate and the benchmarks all take it from here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 class Precision:
     name: str  # fp32 | bf16 | fp16
     device: torch.device
+    rnn_fp32: bool = False  # bf16 on a CPU whose oneDNN cannot build a bf16 LSTM: the recurrent layers run in fp32
 
     @property
     def scaled(self) -> bool:
@@ -33,7 +35,8 @@ class Precision:
         if self.name == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=cache)
+        cast = torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=cache)
+        return _WithoutOneDNN(cast) if self.rnn_fp32 else cast
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.scaled)
@@ -47,4 +50,44 @@ def resolve_precision(precision: str, device: torch.device, warn: bool = True) -
         if warn:
             log.warning("train.precision=fp16 needs a CUDA GPU; running in fp32 on %s", device.type)
         precision = "fp32"
-    return Precision(precision, device)
+    rnn_fp32 = precision == "bf16" and device.type == "cpu" and not cpu_bf16_rnn_supported()
+    if rnn_fp32 and warn:
+        log.warning(
+            "train.precision=bf16: this CPU (%s) has no bf16 LSTM in oneDNN; the recurrent layers run in fp32, "
+            "the rest in bf16",
+            torch.backends.cpu.get_cpu_capability(),
+        )
+    return Precision(precision, device, rnn_fp32)
+
+
+@functools.cache
+def cpu_bf16_rnn_supported() -> bool:
+    """Whether oneDNN runs an LSTM under CPU bf16 autocast here: it needs AVX-512 and fails to build its
+    primitive on older CPUs (AVX2), a RuntimeError at the first forward."""
+    lstm = torch.nn.LSTM(2, 2)
+    try:
+        with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 1, 2))
+    except RuntimeError:
+        return False
+    return True
+
+
+class _WithoutOneDNN:
+    """Autocast with oneDNN off, so torch takes its own LSTM kernels (fp32) where oneDNN's would fail. Entered
+    again and again like the autocast it wraps (the job enters one object every step); oneDNN is restored on
+    exit, so fp32 runs in the same process keep it."""
+
+    def __init__(self, cast: torch.autocast) -> None:
+        self.cast, self.was = cast, True
+
+    def __enter__(self) -> None:
+        self.was = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        self.cast.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.cast.__exit__(*exc)
+        finally:
+            torch.backends.mkldnn.enabled = self.was

@@ -13,7 +13,7 @@ from rnnddp.config import load_config
 from rnnddp.data.mnist import DATASETS
 from rnnddp.dist import DistInfo
 from rnnddp.tasks import TASKS
-from rnnddp.train.precision import resolve_precision
+from rnnddp.train.precision import Precision, resolve_precision
 from tests.conftest import in_process_trainer
 
 
@@ -28,6 +28,24 @@ def test_fp16_on_a_cpu_runs_in_fp32_with_a_warning(caplog):
         resolve_precision("bf16", torch.device("cuda")).scaled
         and resolve_precision("fp16", torch.device("cuda")).scaled
     )
+
+
+def test_bf16_on_any_cpu_trains_an_lstm_with_the_rest_in_bf16():
+    # oneDNN cannot build a bf16 LSTM on CPUs without AVX-512 (a RuntimeError at the first forward); there
+    # the recurrent layers run in fp32. The second rule is the fallback itself, forced, so it is checked on
+    # every CPU; each autocast is entered on several steps, as the job does.
+    cpu = torch.device("cpu")
+    for precision in (resolve_precision("bf16", cpu, warn=False), Precision("bf16", cpu, rnn_fp32=True)):
+        torch.manual_seed(0)
+        lstm, head = torch.nn.LSTM(6, 8, batch_first=True), torch.nn.Linear(8, 3)
+        autocast = precision.autocast()
+        for _ in range(3):
+            with autocast:
+                out = head(lstm(torch.randn(4, 5, 6))[0])
+            assert out.dtype == torch.bfloat16, precision
+            out.float().sum().backward()
+        assert torch.backends.mkldnn.enabled  # back on for fp32 runs in the same process
+        assert lstm.weight_ih_l0.grad is not None and torch.isfinite(lstm.weight_ih_l0.grad).all()
 
 
 def test_best_pt_is_a_hard_link_to_its_step_file(tmp_path: Path):
