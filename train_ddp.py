@@ -32,6 +32,9 @@ from rnnddp.errors import EXIT_STOPPED, UserError
 from rnnddp.job import run
 from rnnddp.metrics import setup_logging
 
+# gloo's "[source file:line]" prefix, and the future's wrapper when it failed in DDP's gradient hook
+LOST_PEER_PREFIX = re.compile(r"^(?:Got the following error when running the callback: \w+: )?(?:\[[^\]]*\]\s*)?")
+
 
 def check_world_size(spec: str, argv: list[str]) -> None:
     """UserError (one line) unless the config that ``argv`` selects splits its global batch evenly over
@@ -98,10 +101,7 @@ def main(argv: list[str]) -> int:
         # A host died or its link went down: nothing to save collectively, and the newest checkpoint
         # on disk is complete (saves are atomic). Every surviving rank says so and exits resumable.
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        # gloo's "[source file:line]" prefix, and the future's wrapper when it failed in DDP's gradient hook
-        first = re.sub(r"^(?:Got the following error when running the callback: \w+: )?(?:\[[^\]]*\]\s*)?", "", first)[
-            :200
-        ]
+        first = LOST_PEER_PREFIX.sub("", first)[:200]
         print(
             f"error: [rank {info.rank}] lost contact with another rank ({first}); the newest checkpoint "
             f"stands: rerun the same command to resume (exit {EXIT_STOPPED})",

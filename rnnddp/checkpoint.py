@@ -131,7 +131,7 @@ class CheckpointManager:
         """The newest intact checkpoint, preferring what ``latest`` names; warns on skips."""
         candidates: list[Path] = []
         if self.latest_pointer.is_file():
-            candidates.append(self.dir / self.latest_pointer.read_text().strip())
+            candidates.append(self.dir / self._latest_name())
         candidates += [p for p in self.step_files() if p not in candidates]
         for path in candidates:
             reason = verify(path)
@@ -146,11 +146,16 @@ class CheckpointManager:
         the run stands, and a kill before its next save must not leave ``latest`` on it."""
         if not self.writer or not self.latest_pointer.is_file():
             return
-        named = self.latest_pointer.read_text().strip()
         if resumed is None:
             self.latest_pointer.unlink(missing_ok=True)
-        elif resumed.parent.resolve() == self.dir.resolve() and named != resumed.name:
-            write_atomic(self.latest_pointer, (resumed.name + "\n").encode())
+        elif resumed.parent.resolve() == self.dir.resolve() and self._latest_name() != resumed.name:
+            self._write_latest(resumed)
+
+    def _latest_name(self) -> str:
+        return self.latest_pointer.read_text().strip()
+
+    def _write_latest(self, path: Path) -> None:
+        write_atomic(self.latest_pointer, (path.name + "\n").encode())
 
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path | None:
         """Write ``step_XXXXXXX.pt`` atomically, move ``latest``, prune; returns the path."""
@@ -174,7 +179,7 @@ class CheckpointManager:
             write_atomic(Path(str(path) + ".sha256"), (digest + "\n").encode())
             if best:
                 self._link_best(path, digest)
-            write_atomic(self.latest_pointer, (path.name + "\n").encode())
+            self._write_latest(path)
         except OSError as e:
             raise UserError(
                 f"cannot write checkpoint {path} ({e.strerror or e}); free disk space or make "

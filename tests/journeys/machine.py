@@ -309,26 +309,34 @@ class Journey(RuleBasedStateMachine):
         self.finished = False
         self.count("damage_" + how)
 
+    # One rule for both tools: Hypothesis draws each rule about as often as any other (see ``stop_term``),
+    # and these two tell least about the run.
     @rule(tool=st.sampled_from(["evaluate", "predict"]))
     def use(self, tool: str) -> None:
         """rnnddp-evaluate or rnnddp-predict on the run directory (the task's own input file for predict)."""
         if tool == "evaluate":
-            from rnnddp.evaluate import main as evaluate
+            self.evaluate()
+        else:
+            self.predict()
 
-            def code() -> int:
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    return evaluate([str(self.run_dir), "--no-plots"])
+    def evaluate(self) -> None:
+        from rnnddp.evaluate import main as evaluate
 
-            self.act("evaluate", code, 0 if self.step() > 0 else 2)
-            return
+        def code() -> int:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return evaluate([str(self.run_dir), "--no-plots"])
+
+        self.act("evaluate", code, 0 if self.step() > 0 else 2)
+
+    def predict(self) -> None:
         from rnnddp.predict import main as predict
 
-        def predicted_code() -> int:
+        def code() -> int:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 files = [str(self.task.predict_file)] if self.task.predict_file else [str(self.dir / "none.npy")]
                 return predict([str(self.run_dir), *files])
 
-        self.act("predict", predicted_code, 0 if self.step() > 0 and self.task.predict_file else 2)
+        self.act("predict", code, 0 if self.step() > 0 and self.task.predict_file else 2)
 
     # -- the promises after every action -----------------------------------------------------------
     @invariant()
