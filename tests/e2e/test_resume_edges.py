@@ -294,11 +294,12 @@ def test_journey_newest_damaged_then_killed_before_a_save_leaves_latest_on_a_com
     assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
     newest = CheckpointManager(run_dir).step_files()[0]
     newest.write_bytes(newest.read_bytes()[:100])
-    killed = run_job(args(data, run_dir, "wandb.mode=disabled", f"debug.fail_at_step={end}"), check=False)
+    # The kill and the rerun under the defaults users get: W&B on (offline without a key).
+    killed = run_job(args(data, run_dir, f"debug.fail_at_step={end}"), check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     assert checkpoint.verify(latest, require_marker=True) is None, latest
     assert latest.name == f"step_{end - STEPS_PER_EPOCH:07d}.pt"
-    assert run_in_process(args(data, run_dir, "wandb.mode=disabled")) == 0
+    assert run_in_process(args(data, run_dir)) == 0
     assert latest_state(run_dir)["global_step"] == end
     assert effective_train_steps(run_dir) == list(range(1, end + 1))
