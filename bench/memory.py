@@ -146,11 +146,12 @@ def _status_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def watch_ranks(proc: subprocess.Popen, every: float = 0.1) -> dict[int, dict[str, int]]:
-    """Until ``proc`` (torchrun) exits: per rank process, the last VmHWM and the largest RssAnon/RssFile seen (KiB)."""
+def watch_ranks(proc: subprocess.Popen, every: float = 0.1, launcher: bool = False) -> dict[int, dict[str, int]]:
+    """Until ``proc`` (torchrun) exits: per rank process (and torchrun's own with ``launcher``), the last VmHWM
+    and the largest RssAnon/RssFile seen (KiB)."""
     seen: dict[int, dict[str, int]] = {}
     while proc.poll() is None:
-        for pid in _children(proc.pid):
+        for pid in _children(proc.pid) + ([proc.pid] if launcher else []):
             now = _status_kib(pid)
             if now:
                 top = seen.setdefault(pid, {})
