@@ -328,7 +328,7 @@ def _train_and_test(
         "config": to_dict(cfg),
         "wandb_run_id": run_id,
     }
-    test = None
+    test, finished_at = None, None
     try:
         if state is not None:
             log.info(
@@ -372,14 +372,14 @@ def _train_and_test(
             status = trainer.fit()
         if status == "finished":
             test = evaluate_on_test(built, cfg, info, run_dir)
-            trainer.logger.event("finished", trainer.global_step)
+            finished_at = trainer.global_step  # the event goes in once W&B has finished (close)
     except Exception as e:
         if info.distributed and dist.lost_peer(e):
             # Every surviving rank notes it (rank 0 may be the one lost): a scheduler's script reads it.
             _note_lost_peer(run_dir, trainer.global_step, info.rank)
         raise
     finally:
-        trainer.logger.close()
+        trainer.logger.close(finished_at)
     # Leave together: a rank that tears its process group down while rank 0 still tests, draws
     # or flushes W&B has been seen to abort in gloo at exit.
     dist.barrier(info)

@@ -219,12 +219,21 @@ class MetricsLogger:
 
         self._to_wandb(call)
 
-    def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        self._drain([lambda run: run.finish()])  # waits for a start still under way
-        self._wandb_run = None
+    def close(self, finished_at: int | None = None) -> None:
+        """Finish the W&B run (waiting for a start still under way), then close metrics.jsonl.
+
+        ``finished_at``: the run's ``finished`` event is written between the two, so that it means W&B has
+        everything too: a job killed before it tests again when rerun, and that run gives W&B what it lost.
+        """
+        try:
+            self._drain([lambda run: run.finish()])
+            self._wandb_run = None
+        finally:
+            if self._jsonl is not None:
+                if finished_at is not None:
+                    self._jsonl.write(event_line("finished", finished_at))
+                self._jsonl.close()
+                self._jsonl = None
 
 
 # Events after which the records past their step no longer count: a resume at step N (steps N+1.. were
@@ -239,8 +248,10 @@ def event_line(name: str, step: int, **fields: Any) -> str:
 
 def kept_records(path: Path, size: int | None = None, events: bool = False) -> list[dict[str, Any]]:
     """The metric records among the first ``size`` bytes of a metrics.jsonl that still count: a
-    ``resume`` event at step N (or a ``restart``, at 0) voids the records after N before it (steps redone).
-    ``events``: the other events too (a voided run's ``finished`` is no longer its end)."""
+    ``resume`` event at step N (or a ``restart``, at 0) voids the records after N before it (steps redone),
+    and a final test replaces the one before it (a job killed after its test but before its ``finished``
+    event tests the same model again when rerun). ``events``: the other events too (a voided run's
+    ``finished`` is no longer its end)."""
     with path.open("rb") as f:
         lines = f.read(-1 if size is None else size).decode(errors="replace").splitlines()
     kept: list[dict[str, Any]] = []
@@ -252,8 +263,14 @@ def kept_records(path: Path, size: int | None = None, events: bool = False) -> l
         if r.get("event") in VOIDING_EVENTS:
             kept = [k for k in kept if k["step"] <= r["step"]]
         elif (events or "event" not in r) and isinstance(r.get("step"), int):
+            if _is_test(r):
+                kept = [k for k in kept if not _is_test(k)]
             kept.append(r)
     return kept
+
+
+def _is_test(record: dict[str, Any]) -> bool:
+    return any(k.startswith("test/") for k in record)
 
 
 def _first_line(e: BaseException) -> str:

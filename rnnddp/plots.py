@@ -7,7 +7,6 @@ headless (Agg) and is imported only when drawing.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rnnddp.metrics import VOIDING_EVENTS, Metric
+from rnnddp.metrics import Metric, kept_records
 
 
 def pyplot():
@@ -37,25 +36,11 @@ def preload() -> threading.Thread:
     return thread
 
 
-def effective_records(metrics_path: Path) -> list[dict]:
-    """metrics.jsonl records that count: a ``resume`` event at step N (a ``restart``: 0) voids the later records before it."""
-    records: list[dict] = []
-    for line in metrics_path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if rec.get("event") in VOIDING_EVENTS:
-            records = [r for r in records if r["step"] <= rec["step"]]
-        elif "event" not in rec:
-            records.append(rec)
-    return records
-
-
 def learning_curves(metrics_path: Path, out: Path, metric: Metric) -> Path:
     """Train and validation loss (left) and the validation metric (right) against the step; the test result as a star."""
     plt = pyplot()
     log_scale, metric = metric.log_scale, metric.name
-    recs = effective_records(metrics_path)
+    recs = kept_records(metrics_path)
     train = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
     val = [(r["step"], r["val/loss"], r[f"val/{metric}"]) for r in recs if f"val/{metric}" in r]
     test = [(r["step"], r["test/loss"], r[f"test/{metric}"]) for r in recs if f"test/{metric}" in r]

@@ -303,3 +303,97 @@ def test_journey_newest_damaged_then_killed_before_a_save_leaves_latest_on_a_com
     assert run_in_process(args(data, run_dir)) == 0
     assert latest_state(run_dir)["global_step"] == end
     assert effective_train_steps(run_dir) == list(range(1, end + 1))
+
+
+KILLED_AFTER_ITS_TEST = """
+import os, signal, sys
+import rnnddp.job as job
+import train_ddp
+
+tested = job.evaluate_on_test
+
+
+def then_killed(*args, **kwargs):
+    result = tested(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # before the finished event, as a kill at that moment does
+    return result
+
+
+job.evaluate_on_test = then_killed
+train_ddp.main(sys.argv[1:])
+"""
+
+
+def test_journey_killed_between_its_final_test_and_its_end_keeps_one_test_when_rerun(tmp_path: Path):
+    """Found by the journeys (a SIGKILL at a drawn moment): a run killed after its final test was logged but
+    before its ``finished`` event. The rerun tests the same model again; its test must replace the first,
+    not stand beside it as a second evaluation of the test split (metrics.jsonl, the learning curves)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, job_env
+
+    data = tiny_prepared(tmp_path)
+    run_dir, end = tmp_path / "run", STEPS_PER_EPOCH * EPOCHS
+    argv = args(data, run_dir)  # W&B on (offline without a key), as users have it
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_ITS_TEST, *argv], env=job_env(), cwd=REPO, capture_output=True, text=True
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    records = read_metrics(run_dir)
+    assert [m["step"] for m in records if "test/loss" in m] == [end]
+    assert "finished" not in [m.get("event") for m in records]
+    assert run_in_process(argv) == 0
+    kept = kept_records(run_dir / "metrics.jsonl", events=True)
+    assert [m["step"] for m in kept if "test/loss" in m] == [end]  # the rerun's test, not both
+    assert [m["step"] for m in kept if m.get("event") == "finished"] == [end]
+    assert [m["step"] for m in read_metrics(run_dir) if "test/loss" in m] == [end, end]  # both were run
+
+
+KILLED_WHILE_WANDB_FINISHES = """
+import os, signal, sys
+import wandb
+import train_ddp
+
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+wandb.Run.finish = killed
+train_ddp.main(sys.argv[1:])
+"""
+
+
+def test_journey_killed_while_wandb_finishes_gives_wandb_every_step_when_rerun(tmp_path: Path):
+    """Found by the journeys (text: stop after step 2, evaluate, a SIGKILL at a drawn moment near the end,
+    a rerun): a job killed after its final test while W&B was finishing left W&B's offline file without
+    the steps since its start, and its ``finished`` event made the rerun a no-op that never gave them back.
+    The event now goes in after W&B has finished, so the rerun tests again and backfills W&B."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, job_env
+
+    data = tiny_prepared(tmp_path)
+    run_dir, end = tmp_path / "run", STEPS_PER_EPOCH * EPOCHS
+    argv = args(data, run_dir)  # W&B on (offline without a key), as users have it
+    assert run_in_process([*argv, "debug.stop_at_step=2"]) == EXIT_STOPPED
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_WANDB_FINISHES, *argv],
+        env=job_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert effective_train_steps(run_dir) == list(range(1, end + 1))
+    assert run_in_process(argv) == 0
+    deadline = time.monotonic() + 20  # W&B's service may still be writing its file
+    while sorted(set(wandb_steps(run_dir))) != list(range(1, end + 1)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert sorted(set(wandb_steps(run_dir))) == list(range(1, end + 1))
+    kept = kept_records(run_dir / "metrics.jsonl", events=True)
+    assert [m["step"] for m in kept if "test/loss" in m] == [end]
+    assert [m["step"] for m in kept if m.get("event") == "finished"] == [end]

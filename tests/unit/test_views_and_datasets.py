@@ -210,7 +210,8 @@ def test_missing_other_data_set_offline_is_one_line(tmp_path: Path):
 
 def test_plots_from_metrics_confusion_and_predictions(tmp_path: Path):
     from rnnddp import plots
-    from rnnddp.plots import effective_records, write_plots
+    from rnnddp.metrics import kept_records
+    from rnnddp.plots import write_plots
 
     metrics = tmp_path / "metrics.jsonl"
     lines = [
@@ -222,7 +223,7 @@ def test_plots_from_metrics_confusion_and_predictions(tmp_path: Path):
         {"step": 30, "train/loss": 0.7},
     ]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert [r.get("train/loss") for r in effective_records(metrics)] == [2.0, 1.0, None, 0.7]
+    assert [r.get("train/loss") for r in kept_records(metrics)] == [2.0, 1.0, None, 0.7]
     split = _split(100)
     preds = split.targets.clone()
     preds[:7] = (preds[:7] + 1) % 10
