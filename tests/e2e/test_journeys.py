@@ -1,6 +1,6 @@
 """The suite's share of the journeys (tests/journeys/): one fixed seed and count, the same journeys every time.
 
-6 journeys of up to 6 actions (seed 4: about 17 s on 2 cores). They must reach the edges the journeys
+6 journeys of up to 6 actions (seed 4: about 53 s on 2 cores). They must reach the edges the journeys
 exist for, so that a change to the machine that stops reaching them fails here instead of passing
 quietly: a stop on an epoch's last step resumed to the end, an unsafe rerun refused, checkpoints
 written. Not shrunk here (seconds per action); ``python -m tests.journeys --seed 4 --batch 6 --steps 6``

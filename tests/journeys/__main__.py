@@ -26,7 +26,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from tests.journeys.machine import STATS, Journey
 
-ACTIONS = ("run", "stop", "kill", "rerun_safe", "rerun_unsafe", "two_ranks", "damage_flip", "damage_truncate",
+ACTIONS = ("run", "stop", "kill", "kill_anytime", "rerun_safe", "rerun_unsafe", "two_ranks", "damage_flip", "damage_truncate",
            "delete_latest", "evaluate", "predict")  # fmt: skip
 
 

@@ -3,7 +3,8 @@
 A journey draws a task (digits by rows on MNIST, the sine regressor with its carried state, prepared
 sequences, a character language model), each on a tiny model whose run is 8 or 9 steps, then acts as
 a user does, in any order: run it; stop it with SIGTERM, SIGUSR1 or SIGINT after any step (the
-first, an epoch's last, the run's last); SIGKILL it after any step; rerun with a safe setting
+first, an epoch's last, the run's last); SIGKILL it after any step or at any moment (start-up, inside a step, a save, validation, the final
+test); rerun with a safe setting
 changed (kept) or an unsafe one (refused once a checkpoint exists); rerun on two torchrun ranks;
 flip bytes in or truncate the newest checkpoint; delete ``latest``; evaluate; predict. After every
 action the promises of tests/journeys/promises.py are checked. Failures shrink to a shortest journey.
@@ -17,9 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +40,9 @@ from rnnddp.config import load_config
 from rnnddp.dist import DistInfo
 from rnnddp.errors import UserError
 from rnnddp.job import run as run_job_in_process
+from rnnddp.metrics import kept_records
 from rnnddp.tasks import TASKS
-from tests.conftest import DATA_ROOT, run_job
+from tests.conftest import DATA_ROOT, REPO, job_cmd, job_env, run_job
 from tests.journeys import promises
 from tests.sequence_files import tiny_prepared
 
@@ -50,6 +56,7 @@ class Task:
     args: list[str]
     predict_file: Path | None  # a file rnnddp-predict takes (None: the task refuses predict)
     plans: dict[tuple[str, ...], tuple[int, int]] = field(default_factory=dict)
+    timing: tuple[float, float] | None = None  # a launch's seconds to its first step, and from there to its exit
 
     def plan(self, settings: tuple[str, ...] = ()) -> tuple[int, int]:
         """(the run's optimiser steps, steps per epoch) with these settings (a batch size changes both)."""
@@ -131,6 +138,34 @@ def quiet_run(argv: list[str]) -> int:
             return run_job_in_process(load_config(argv), DistInfo())
     except UserError:
         return 2
+
+
+def metrics_size(run_dir: Path) -> int:
+    f = run_dir / "metrics.jsonl"
+    return f.stat().st_size if f.exists() else 0
+
+
+def launch_killed(argv: list[str], run_dir: Path, before_first: float, after_first: float) -> tuple[int, float, float]:
+    """train_ddp.py on one process, SIGKILLed ``before_first`` s after its launch or ``after_first`` s after it
+    first logs a step (metrics.jsonl grows), whichever comes first (inf: never).
+
+    Returns (exit code, seconds to its first step, seconds in all)."""
+    size = metrics_size(run_dir)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        job_cmd(argv), env=job_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first = math.inf
+    deadline = start + before_first
+    while proc.poll() is None and time.monotonic() < deadline:
+        if first == math.inf and metrics_size(run_dir) > size:
+            first = time.monotonic() - start
+            deadline = min(deadline, time.monotonic() + after_first)
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)  # the job alone, as ``kill -9 PID``: W&B's service outlives it
+    code = proc.wait(timeout=600)
+    return code, first, time.monotonic() - start
 
 
 @dataclass(frozen=True)
@@ -274,6 +309,40 @@ class Journey(RuleBasedStateMachine):
         if code == -9:
             self.finished = False
 
+    @rule(percent=st.integers(0, 120))  # integers: floats draw subnormals, which torch's flush-to-zero breaks
+    def kill_anytime(self, percent: int) -> None:
+        """SIGKILL at a drawn moment of a launched run, not only between steps: during start-up (``percent``
+        below 20), or in the time a whole run takes after its first step (in a step, a save, validation,
+        the final test, while W&B writes), or after it has ended."""
+        timing, moment = self.task.timing or self.calibrate(), percent / 100
+        if moment < 0.2:
+            before, after = moment / 0.2 * timing[0], math.inf
+        else:
+            before, after = math.inf, (moment - 0.2) * timing[1]
+        code = self.act("kill_anytime", lambda: launch_killed(self.argv(), self.run_dir, before, after)[0], None)
+        if code == -9:
+            self.finished = False
+            if self.reached_end():  # killed after its final test (the user cannot tell it from a finished run)
+                self.ever_finished = True
+            STATS.events["a kill at a drawn moment" + (" in start-up" if moment < 0.2 else " after a step")] += 1
+
+    def reached_end(self) -> bool:
+        """The run's kept records hold a final test (it may have been killed before its ``finished`` event)."""
+        path = self.run_dir / "metrics.jsonl"
+        return path.exists() and any(any(k.startswith("test/") for k in r) for r in kept_records(path))
+
+    def calibrate(self) -> tuple[float, float]:
+        """A whole uninterrupted launch of the task, timed (once per task and process)."""
+        scratch = Path(tempfile.mkdtemp(prefix="rnnddp-journey-timing-"))
+        try:
+            argv = [*self.task.args, f"run_dir={scratch / 'run'}", "wandb.mode=offline"]
+            code, first, total = launch_killed(argv, scratch / "run", math.inf, math.inf)
+            assert code == 0 and first < math.inf, f"an uninterrupted launch exited {code}"
+            self.task.timing = (first, total - first)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return self.task.timing
+
     @rule(change=st.sampled_from(SAFE_CHANGES))
     def rerun_safe(self, change: str) -> None:
         self.act("rerun_safe", lambda: quiet_run(self.argv(change)), 0)
@@ -347,7 +416,7 @@ class Journey(RuleBasedStateMachine):
             promises.latest_is_complete(self.run_dir)
         promises.steps_once(self.run_dir, self.steps() if self.finished else None)
         promises.config_is_the_runs(self.run_dir, dict(s.split("=", 1) for s in self.settings))
-        promises.test_at_the_end(self.run_dir, self.ever_finished, self.steps())
+        promises.test_at_the_end(self.run_dir, self.ever_finished, self.steps(), self.finished)
         if self.finished:
             ref = reference(self.task, tuple(self.settings))
             promises.same_as_uninterrupted(self.run_dir, ref.parameters, exact=not self.two_ranks)

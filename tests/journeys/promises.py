@@ -37,6 +37,7 @@ EXIT_CODES = {
     "run": {0, 2, 75},
     "stop": {0, 75},
     "kill": {0, -9},
+    "kill_anytime": {0, -9},
     "rerun_safe": {0},
     "rerun_unsafe": {0, 2},
     "two_ranks": {0},
@@ -113,11 +114,12 @@ def config_is_the_runs(run_dir: Path, settings: dict[str, str]) -> None:
         assert str(node) == str(want), f"config.yaml has {key}={node}; the run trains with {want}"
 
 
-def test_at_the_end(run_dir: Path, ever_finished: bool, steps: int) -> None:
+def test_at_the_end(run_dir: Path, ever_finished: bool, steps: int, finished: bool) -> None:
     """The test split is evaluated at the run's end only, once: never before the run first finishes, only
-    at its last step, and only with the ``finished`` event it ends with (a finished run rerun does not test
-    again; one whose final checkpoint a user destroyed resumes earlier, which voids that test, and tests
-    again when it reaches its end again)."""
+    at its last step, and a run that finished holds it with the ``finished`` event it ends with (a finished
+    run rerun does not test again; one whose final checkpoint a user destroyed resumes earlier, which voids
+    that test, and tests again when it reaches its end again; one killed between its test and its
+    ``finished`` event tests again when rerun, and that test replaces the first)."""
     if not (run_dir / "metrics.jsonl").exists():
         return
     history = kept_records(run_dir / "metrics.jsonl", events=True)
@@ -126,7 +128,8 @@ def test_at_the_end(run_dir: Path, ever_finished: bool, steps: int) -> None:
     assert ever_finished or not tests, f"{len(tests)} test evaluations before the run first finished"
     assert all(m["step"] == steps for m in tests), f"a test evaluation before the end: {[m['step'] for m in tests]}"
     assert len(tests) <= 1, f"the test split evaluated {len(tests)} times"
-    assert len(tests) == len(ends), f"{len(tests)} test evaluations, {len(ends)} finished events"
+    assert len(ends) <= len(tests), f"{len(tests)} test evaluations, {len(ends)} finished events"
+    assert not finished or len(tests) == len(ends) == 1, f"a finished run: {len(tests)} tests, {len(ends)} ends"
 
 
 def same_as_uninterrupted(run_dir: Path, reference: dict[str, torch.Tensor], exact: bool) -> None:
