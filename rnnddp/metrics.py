@@ -263,13 +263,14 @@ def kept_records(path: Path, size: int | None = None, events: bool = False) -> l
         if r.get("event") in VOIDING_EVENTS:
             kept = [k for k in kept if k["step"] <= r["step"]]
         elif (events or "event" not in r) and isinstance(r.get("step"), int):
-            if _is_test(r):
-                kept = [k for k in kept if not _is_test(k)]
+            if is_test_record(r):
+                kept = [k for k in kept if not is_test_record(k)]
             kept.append(r)
     return kept
 
 
-def _is_test(record: dict[str, Any]) -> bool:
+def is_test_record(record: dict[str, Any]) -> bool:
+    """A final test's record (its test/* metrics)."""
     return any(k.startswith("test/") for k in record)
 
 

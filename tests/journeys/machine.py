@@ -40,7 +40,7 @@ from rnnddp.config import load_config
 from rnnddp.dist import DistInfo
 from rnnddp.errors import UserError
 from rnnddp.job import run as run_job_in_process
-from rnnddp.metrics import kept_records
+from rnnddp.metrics import is_test_record, kept_records
 from rnnddp.tasks import TASKS
 from tests.conftest import DATA_ROOT, REPO, job_cmd, job_env, run_job
 from tests.journeys import promises
@@ -329,7 +329,7 @@ class Journey(RuleBasedStateMachine):
     def reached_end(self) -> bool:
         """The run's kept records hold a final test (it may have been killed before its ``finished`` event)."""
         path = self.run_dir / "metrics.jsonl"
-        return path.exists() and any(any(k.startswith("test/") for k in r) for r in kept_records(path))
+        return path.exists() and any(is_test_record(r) for r in kept_records(path))
 
     def calibrate(self) -> tuple[float, float]:
         """A whole uninterrupted launch of the task, timed (once per task and process)."""

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from rnnddp import checkpoint
-from rnnddp.metrics import kept_records
+from rnnddp.metrics import is_test_record, kept_records
 from rnnddp.wandb_files import history, offline_runs
 from tests.conftest import effective_train_steps
 
@@ -123,7 +123,7 @@ def test_at_the_end(run_dir: Path, ever_finished: bool, steps: int, finished: bo
     if not (run_dir / "metrics.jsonl").exists():
         return
     history = kept_records(run_dir / "metrics.jsonl", events=True)
-    tests = [m for m in history if any(k.startswith("test/") for k in m)]
+    tests = [m for m in history if is_test_record(m)]
     ends = [m for m in history if m.get("event") == "finished"]
     assert ever_finished or not tests, f"{len(tests)} test evaluations before the run first finished"
     assert all(m["step"] == steps for m in tests), f"a test evaluation before the end: {[m['step'] for m in tests]}"
